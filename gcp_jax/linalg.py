@@ -81,7 +81,11 @@ def newton_schulz_sqrtm(a, *, iters=5):
     _check_square(a, "newton_schulz_sqrtm")
     if iters < 1:
         raise ValueError(f"newton_schulz_sqrtm needs iters >= 1, got {iters}.")
-    trace = jnp.maximum(jnp.trace(a, axis1=-2, axis2=-1), 1e-20)[..., None, None]
+    trace = jnp.trace(a, axis1=-2, axis2=-1)[..., None, None]
+    # Guard 0 traces with `where`, not `maximum`: the unused branch's NaN derivative is dropped.
+    # The floor keeps trace² normal in float32, so that the backward pass never sees 0/0.
+    floor = max(1e-20, float(np.sqrt(jnp.finfo(a.dtype).tiny)))
+    trace = jnp.where(trace > floor, trace, floor)
     y = a / trace
     eye = jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=a.dtype), a.shape)
     z = eye
@@ -214,7 +218,7 @@ def pade_coefficients():
 def _polyval_ascending(coefficients, x):
     out = jnp.zeros_like(x)
     for c in coefficients[::-1]:
-        out = out * x + c
+        out = out * x + float(c)  # weakly typed: keeps the dtype of x
     return out
 
 
