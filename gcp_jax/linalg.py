@@ -175,14 +175,19 @@ def _spectral_exact_bwd(spec, residuals, cotangents):
     """∂L/∂Σ = U (Σ_k L_k ∘ Uᵀ sym(G_k) U + diag(Σ_j g_j h_j′(λ̂))) Uᵀ."""
     lam, u = residuals
     g_mats, g_scalars = cotangents
-    inner = jnp.zeros(lam.shape + lam.shape[-1:], lam.dtype)
-    for name, g in zip(spec.matrices, g_mats):
-        inner = inner + _loewner(_FUNCTIONS[name], lam) * _mm(_t(u), _mm(_sym(g), u))
     diagonal = jnp.zeros_like(lam)
     for name, g in zip(spec.scalars, g_scalars):
         diagonal = diagonal + g[..., None] * _FUNCTIONS[name].df(lam)
-    inner = inner + diagonal[..., None] * jnp.eye(lam.shape[-1], dtype=lam.dtype)
-    return (_mm(u, _mm(inner, _t(u))),)
+    loewners = [_loewner(_FUNCTIONS[name], lam) for name in spec.matrices]
+    return (_loewner_vjp(u, loewners, g_mats, diagonal),)
+
+
+def _loewner_vjp(u, loewners, cotangents, diagonal):
+    """U (Σ_k L_k ∘ Uᵀ sym(G_k) U + diag(diagonal)) Uᵀ: the VJP of matrices U f_k(Λ) Uᵀ."""
+    inner = diagonal[..., None] * jnp.eye(u.shape[-1], dtype=u.dtype)
+    for loewner, g in zip(loewners, cotangents):
+        inner = inner + loewner * _mm(_t(u), _mm(_sym(g), u))
+    return _mm(u, _mm(inner, _t(u)))
 
 
 _spectral_exact.defvjp(_spectral_exact_fwd, _spectral_exact_bwd)
@@ -384,3 +389,54 @@ def eigenvalues(a):
     """Ascending eigenvalues of sym(a), without clamping (for analysis; no custom gradient)."""
     _check_square(a, "eigenvalues")
     return jnp.linalg.eigvalsh(_sym(a))
+
+
+# ----------------------------------------------------------------------------------------------
+# The square root split by eigenvalue rank (analysis, METHOD §5)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _sqrtm_split(a, rank, eps):
+    return _sqrtm_split_fwd(a, rank, eps)[0]
+
+
+def _large_mask(lam, rank):
+    return (jnp.arange(lam.shape[-1]) >= lam.shape[-1] - rank).astype(lam.dtype)
+
+
+def _sqrtm_split_fwd(a, rank, eps):
+    lam, u = _clamped_eigh(a, eps, 0)
+    large = _large_mask(lam, rank)
+    root = jnp.sqrt(lam)
+    return (_rebuild(u, root * large), _rebuild(u, root * (1 - large))), (lam, u)
+
+
+def _sqrtm_split_bwd(rank, eps, residuals, cotangents):
+    """Loewner matrices of f = 1_large·√λ and 1_small·√λ: 1/(√λi + √λj) within a part,
+    ±√λ/(λi − λj) across the split (the gap guarded at the noise floor)."""
+    lam, u = residuals
+    large = _large_mask(lam, rank)
+    li, lj = lam[..., :, None], lam[..., None, :]
+    within = 1.0 / (jnp.sqrt(li) + jnp.sqrt(lj))
+    floor = jnp.finfo(lam.dtype).eps * jnp.max(lam, axis=-1)[..., None, None]
+    gap = jnp.where(li >= lj, jnp.maximum(li - lj, floor), jnp.minimum(li - lj, -floor))
+    mi, mj = large[..., :, None], large[..., None, :]
+    across = mi * (1 - mj) + mj * (1 - mi)
+    loewner_large = mi * mj * within + across * jnp.where(mi > 0, jnp.sqrt(li), -jnp.sqrt(lj)) / gap
+    loewner_small = (1 - mi) * (1 - mj) * within + across * jnp.where(mi > 0, -jnp.sqrt(lj), jnp.sqrt(li)) / gap
+    return (_loewner_vjp(u, (loewner_large, loewner_small), cotangents, jnp.zeros_like(lam)),)
+
+
+_sqrtm_split.defvjp(_sqrtm_split_fwd, _sqrtm_split_bwd)
+
+
+def sqrtm_split(a, rank, *, eps=None):
+    """(Q_large, Q_small): Σ^{1/2} rebuilt from the `rank` largest eigenvalues and from the rest.
+
+    Q_large + Q_small = sqrtm(a). Exact (Loewner) gradient for both parts; used by the
+    attribution maps to ask which part of the spectrum explains a class score.
+    """
+    _check_square(a, "sqrtm_split")
+    if not 0 <= rank <= a.shape[-1]:
+        raise ValueError(f"sqrtm_split: rank={rank} must lie in [0, d={a.shape[-1]}].")
+    return _sqrtm_split(a, int(rank), eps)

@@ -326,3 +326,26 @@ def test_bad_arguments_raise_clear_errors():
         linalg.sqrtm(jnp.ones((3, 4)))
     with pytest.raises(ValueError, match="topn"):
         linalg.sqrtm(a, topn=5)
+
+
+def test_sqrtm_split_sums_to_the_root_and_has_exact_gradients(x64):
+    a = jnp.asarray(separated_batch(d=6, batch=2))
+    large, small = linalg.sqrtm_split(a, 2)
+    np.testing.assert_allclose(large + small, linalg.sqrtm(a), rtol=1e-12)
+    lam = np.linalg.eigvalsh(np.asarray(a))
+    np.testing.assert_allclose(np.linalg.eigvalsh(np.asarray(large))[:, -2:], np.sqrt(lam[:, -2:]), rtol=1e-10)
+    w1, w2 = (jnp.asarray(np.random.default_rng(s).normal(size=a.shape)) for s in (20, 21))
+
+    def parts_loss(m):
+        q_large, q_small = linalg.sqrtm_split(m, 2)
+        return jnp.sum(q_large * w1) + jnp.sum(q_small * w2)
+
+    def reference_loss(m):  # autodiff through eigh of the same split
+        lam_, u = jnp.linalg.eigh(m)
+        mask = (jnp.arange(6) >= 4).astype(m.dtype)
+        rebuild = lambda v: (u * v[..., None, :]) @ jnp.swapaxes(u, -1, -2)
+        return jnp.sum(rebuild(jnp.sqrt(lam_) * mask) * w1) + jnp.sum(rebuild(jnp.sqrt(lam_) * (1 - mask)) * w2)
+
+    assert rel_err(jax.grad(parts_loss)(a), jax.grad(reference_loss)(a)) < 1e-11
+    rank_deficient = linalg.covariance(jnp.asarray(np.random.default_rng(22).normal(size=(1, 4, 6))))
+    assert bool(jnp.all(jnp.isfinite(jax.grad(parts_loss)(rank_deficient))))
