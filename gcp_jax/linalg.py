@@ -385,6 +385,13 @@ def seb(a, *, grad="exact", variant="code", eps=None, **opts):
     return root + _unit_frobenius(branch)
 
 
+def seb_scale(a, *, eps=None):
+    """1 + c, the factor of the released SEB (c = ‖Q Sᵀ‖_F = (Σ λ̂ e^{−2λ̂})^{1/2}), exact gradient."""
+    _check_square(a, "seb_scale")
+    _, (c_squared,) = _spectral(a, (), ("x_exp2",), "exact", eps, 0, {})
+    return 1.0 + _safe_sqrt(c_squared)
+
+
 def eigenvalues(a):
     """Ascending eigenvalues of sym(a), without clamping (for analysis; no custom gradient)."""
     _check_square(a, "eigenvalues")
