@@ -1,0 +1,248 @@
+"""Images/s of the jitted train step, and the share of it spent in the spectral head.
+
+  python bench/train_step.py                                   # the README table (CPU: a few minutes)
+  python bench/train_step.py --archs resnet50 --heads seb --size 448 --batch 16   # e.g. on a GPU
+
+For each backbone and head (gap, gcp with sqrt, gcp with SEB; 256-d reduction, last stage at
+stride 1) it times `gcp_jax.training.make_train_step` (forward, backward, SGD update; synthetic
+in-memory batches, no TensorFlow) and, separately, the spectral part of the head alone
+(covariance -> eigh -> normalisation -> triu, forward and backward, on reduced features of the
+same shape). When torch is importable it adds the PyTorch reference recipe for ResNet-50 + SEB:
+a ResNet-50 written here (layer4 at stride 1), the 256-d reduction, the covariance and SEB in
+float64 by SVD with the ordinary-K eigen backward (METHOD.md §3) as a torch.autograd.Function,
+SGD with clipping -- the comparison column.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from ml_collections import ConfigDict  # noqa: E402
+
+from gcp_jax import linalg, models, pooling, sharding, training  # noqa: E402
+
+HEADS = {"gap": None, "sqrt": "sqrt", "seb": "seb"}
+GCP_DIM = 256
+
+
+def optim_config() -> ConfigDict:
+  """The protocol's SGD (METHOD.md §6)."""
+  return ConfigDict(dict(learning_rate=3e-3, momentum=0.9, nesterov=False, classifier_lr_factor=5.0,
+                         weight_decay=1e-4, grad_clip_norm=5.0, schedule="step", decay_epochs=(), decay_factor=0.1,
+                         warmup_epochs=0.0))
+
+
+def timed(fn, warmup: int, steps: int) -> float:
+  """Seconds per call of fn() (which blocks on its result), after `warmup` calls."""
+  for _ in range(warmup):
+    fn()
+  start = time.perf_counter()
+  for _ in range(steps):
+    fn()
+  return (time.perf_counter() - start) / steps
+
+
+def bench_jax(arch: str, head: str, size: int, batch: int, steps: int, num_classes: int = 100) -> dict:
+  """Train-step seconds (and spectral-head seconds) for one backbone/head."""
+  norm = HEADS[head]
+  model = models.create_model(arch, num_classes=num_classes, head="gap" if norm is None else "gcp",
+                              gcp=dict(dim=GCP_DIM, norm=norm or "seb"), last_stride=1)
+  mesh = sharding.make_mesh()
+  schedule = training.learning_rate_schedule(optim_config(), 100, 100)
+  tx = training.make_optimizer(optim_config(), schedule)
+  state = training.create_train_state(training.init_variables(model, size, 0, mesh), tx, mesh)
+  step = training.make_train_step(model, tx, schedule, mesh)
+  rng = np.random.default_rng(0)
+  batch_data = sharding.global_batch({"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+                                      "label": rng.integers(0, num_classes, batch).astype(np.int32)}, mesh)
+  holder = [state]
+
+  def train_once():
+    holder[0], metrics = step(holder[0], batch_data)
+    jax.block_until_ready(metrics["loss"])
+
+  compile_start = time.perf_counter()
+  train_once()
+  compile_s = time.perf_counter() - compile_start
+  step_s = timed(train_once, 1, steps)
+  result = {"arch": arch, "head": head, "size": size, "batch": batch, "step_s": step_s,
+            "images_per_s": batch / step_s, "compile_s": compile_s, "spectral_s": None}
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    result["peak_gib"] = stats["peak_bytes_in_use"] / 2**30
+  if norm is not None:
+    features = jax.eval_shape(lambda v, x: model.apply(v, x, method=model.features),
+                              {"params": state.params, "batch_stats": state.batch_stats},
+                              jnp.zeros((batch, size, size, 3)))
+    positions = features.shape[1] * features.shape[2]
+    result["spectral_s"] = spectral_seconds(norm, batch, positions, steps)
+    result["positions"] = positions
+  return result
+
+
+def spectral_seconds(norm: str, batch: int, positions: int, steps: int) -> float:
+  """Seconds of covariance -> normalisation -> triu, forward + backward, on [batch, positions, 256]."""
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (batch, positions, GCP_DIM)))
+  w = jax.random.normal(jax.random.key(1), (batch, GCP_DIM * (GCP_DIM + 1) // 2))
+
+  def loss(x):
+    return jnp.sum(linalg.triu_vec(pooling.normalize(linalg.covariance(x), norm=norm)) * w)
+
+  grad = jax.jit(jax.grad(loss))
+  return timed(lambda: jax.block_until_ready(grad(x)), 2, steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# The PyTorch reference recipe (imported only when asked for and available).
+
+
+def bench_torch(size: int, batch: int, steps: int, num_classes: int = 100) -> dict:
+  """Seconds per SGD step of the PyTorch reference ResNet-50 + 256-d float64 SVD SEB head."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(os.cpu_count() or 1)
+
+  class SEBFunction(torch.autograd.Function):
+    """(1 + c) Σ^{1/2} by SVD in float64; backward: ordinary-K eigen VJP + the branch term (METHOD §2c, §3)."""
+
+    @staticmethod
+    def forward(ctx, cov):
+      u, s, _ = torch.linalg.svd(cov)
+      s = torch.clamp(s, min=float(np.finfo(np.float64).eps))
+      root = u @ torch.diag_embed(s.sqrt()) @ u.transpose(1, 2)
+      c = (s * torch.exp(-2 * s)).sum(-1).sqrt()
+      ctx.save_for_backward(u, s, c, root)
+      return (1 + c)[:, None, None] * root
+
+    @staticmethod
+    def backward(ctx, g):
+      u, s, c, root = ctx.saved_tensors
+      gs = (1 + c)[:, None, None] * g
+      ut = u.transpose(1, 2)
+      grad_u = (gs + gs.transpose(1, 2)) @ u @ torch.diag_embed(s.sqrt())
+      grad_s = torch.diagonal(ut @ gs @ u, dim1=1, dim2=2) / (2 * s.sqrt())
+      k = 1.0 / (s[:, :, None] - s[:, None, :])
+      k.diagonal(dim1=1, dim2=2).zero_()
+      finite = k[torch.isfinite(k)]
+      k = torch.nan_to_num(k, posinf=float(finite.max()), neginf=float(finite.min()))
+      inner = k.transpose(1, 2) * (ut @ grad_u) + torch.diag_embed(grad_s)
+      gc = (g * root).sum((1, 2))
+      w = (1 - 2 * s) * torch.exp(-2 * s) * (gc / (2 * c))[:, None]
+      return u @ (inner + torch.diag_embed(w)) @ ut
+
+  class Bottleneck(nn.Module):
+
+    def __init__(self, cin, planes, stride):
+      super().__init__()
+      cout = planes * 4
+      self.body = nn.Sequential(
+          nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
+          nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
+          nn.Conv2d(planes, cout, 1, bias=False), nn.BatchNorm2d(cout))
+      self.down = None
+      if stride != 1 or cin != cout:
+        self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+      return torch.relu(self.body(x) + (x if self.down is None else self.down(x)))
+
+  class ResNet50SEB(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
+      cin = 64
+      for planes, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 1)):  # layer4 at stride 1
+        for i in range(blocks):
+          layers.append(Bottleneck(cin, planes, stride if i == 0 else 1))
+          cin = planes * 4
+      self.backbone = nn.Sequential(*layers)
+      self.reduce = nn.Sequential(nn.Conv2d(cin, GCP_DIM, 1, bias=False), nn.BatchNorm2d(GCP_DIM), nn.ReLU(inplace=True))
+      self.fc = nn.Linear(GCP_DIM * (GCP_DIM + 1) // 2, num_classes)
+      self.rows, self.cols = torch.triu_indices(GCP_DIM, GCP_DIM)
+
+    def forward(self, x):
+      f = self.reduce(self.backbone(x)).flatten(2).double()  # [B, d, M]
+      f = f - f.mean(-1, keepdim=True)
+      cov = f @ f.transpose(1, 2) / f.shape[-1]
+      z = SEBFunction.apply(cov)[:, self.rows, self.cols]
+      return self.fc(z.float())
+
+  torch.manual_seed(0)
+  net = ResNet50SEB().train()
+  fc = list(net.fc.parameters())
+  rest = [p for n, p in net.named_parameters() if not n.startswith("fc.")]
+  opt = torch.optim.SGD([{"params": rest}, {"params": fc, "lr": 5 * 3e-3}], lr=3e-3, momentum=0.9, weight_decay=1e-4)
+  images = torch.randn(batch, 3, size, size)
+  labels = torch.randint(0, num_classes, (batch,))
+
+  def train_once():
+    opt.zero_grad()
+    nn.functional.cross_entropy(net(images), labels).backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+    opt.step()
+
+  step_s = timed(train_once, 1, steps)
+  return {"arch": "resnet50 (torch)", "head": "seb", "size": size, "batch": batch, "step_s": step_s,
+          "images_per_s": batch / step_s, "threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def table(rows: list[dict], torch_row: dict | None) -> str:
+  lines = ["| backbone | head | px | batch | images/s | step (s) | spectral fwd+bwd (s) | spectral share | compile (s) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for r in rows:
+    spectral = r["spectral_s"]
+    share = "—" if spectral is None else f"{100 * spectral / r['step_s']:.1f} %"
+    lines.append(f"| {r['arch']} | {'gap' if r['head'] == 'gap' else 'gcp(' + r['head'] + ')'} | {r['size']} | "
+                 f"{r['batch']} | {r['images_per_s']:.2f} | {r['step_s']:.3f} | "
+                 f"{'—' if spectral is None else f'{spectral:.3f}'} | {share} | {r['compile_s']:.0f} |")
+  if torch_row:
+    lines.append(f"| {torch_row['arch']}, float64 SVD, ordinary-K backward | gcp(seb) | {torch_row['size']} | "
+                 f"{torch_row['batch']} | {torch_row['images_per_s']:.2f} | {torch_row['step_s']:.3f} | | | |")
+  return "\n".join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--archs", default="resnet50,efficientnet_b0,efficientnet_b5")
+  parser.add_argument("--heads", default="gap,sqrt,seb")
+  parser.add_argument("--size", type=int, default=448, help="Image side (pixels).")
+  parser.add_argument("--batch", type=int, default=2, help="Global batch.")
+  parser.add_argument("--steps", type=int, default=3, help="Timed steps per row (after compile + 1 warmup).")
+  parser.add_argument("--torch", default="auto", choices=("auto", "on", "off"),
+                      help="The PyTorch reference column (ResNet-50 + SEB): auto = when torch is importable.")
+  args = parser.parse_args()
+  print(f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), jax {jax.__version__}",
+        flush=True)
+  rows = []
+  for arch in args.archs.split(","):
+    for head in args.heads.split(","):
+      rows.append(bench_jax(arch, head, args.size, args.batch, args.steps))
+      print(rows[-1], flush=True)
+  torch_row = None
+  if args.torch == "on" or (args.torch == "auto" and _torch_available()):
+    torch_row = bench_torch(args.size, args.batch, args.steps)
+    print(torch_row, flush=True)
+  print(table(rows, torch_row))
+
+
+def _torch_available() -> bool:
+  try:
+    import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+if __name__ == "__main__":
+  main()

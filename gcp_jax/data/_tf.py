@@ -1,0 +1,26 @@
+"""Lazy, CPU-only TensorFlow and TFDS: the rest of gcp_jax never imports them."""
+
+import functools
+
+
+@functools.cache
+def tf():
+    """The tensorflow module, hidden from GPUs so that JAX keeps the accelerator memory."""
+    import tensorflow  # pylint: disable=g-import-not-at-top
+
+    try:
+        tensorflow.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TensorFlow was initialised before us; nothing left to hide.
+        pass
+    return tensorflow
+
+
+@functools.cache
+def tfds():
+    """The tensorflow_datasets module, with this package's builders registered."""
+    tf()
+    import tensorflow_datasets  # pylint: disable=g-import-not-at-top
+
+    from gcp_jax.data import builders  # pylint: disable=g-import-not-at-top,unused-import
+
+    return tensorflow_datasets

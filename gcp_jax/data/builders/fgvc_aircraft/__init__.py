@@ -1,0 +1,1 @@
+"""TFDS builder fgvc_aircraft (see fgvc_aircraft.py)."""

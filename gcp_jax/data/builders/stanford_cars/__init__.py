@@ -1,0 +1,1 @@
+"""TFDS builder stanford_cars (see stanford_cars.py)."""

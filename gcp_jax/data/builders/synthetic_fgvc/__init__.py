@@ -1,0 +1,1 @@
+"""TFDS builder synthetic_fgvc (see synthetic_fgvc.py)."""

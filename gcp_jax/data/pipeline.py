@@ -1,0 +1,269 @@
+"""The input pipeline the trainer calls: `dataset_info`, `train_batches`, `eval_batches`.
+
+Every process reads its own contiguous part of a split (`tfds.even_splits`, sizes differing by at
+most one) and yields host-local numpy batches. Training: epoch e of process p reads its part in an
+order drawn from (seed, e, p) (file order and shuffle buffer), resizes, crops (random or centre),
+flips and normalises with stateless randomness keyed by the example's position in the epoch, so
+that resuming at any step reproduces the uninterrupted stream exactly. Evaluation: resize, centre
+crop, every process yields the same number of batches, padded with masked examples.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from gcp_jax.data import _tf, preprocess
+from gcp_jax.data.config import resolve
+from gcp_jax.data.errors import CorruptImageError
+from gcp_jax.data.sources import Source, open_source
+
+log = logging.getLogger("gcp_jax.data")
+_FILE_ORDER, _SHUFFLE, _AUGMENT = range(3)  # Purposes of the derived seeds.
+
+
+class DatasetInfo(NamedTuple):
+    """What the trainer needs to know before reading: sizes and class names."""
+
+    name: str
+    num_classes: int
+    num_train: int
+    num_eval: int
+    class_names: tuple[str, ...]
+
+
+def dataset_info(cfg: Mapping[str, Any]) -> DatasetInfo:
+    """Sizes and class names of the data set that `cfg` (config.data) names; prepares it if needed."""
+    cfg = resolve(cfg)
+    src = open_source(cfg)
+    return DatasetInfo(cfg.name, len(src.class_names), src.num_examples(cfg.train_split),
+                       src.num_examples(cfg.eval_split), src.class_names)
+
+
+def train_batches(cfg: Mapping[str, Any], *, batch_size: int, seed: int = 0, start_step: int = 0,
+                  process_index: int | None = None, process_count: int | None = None) -> TrainBatches:
+    """Infinite iterator of {"image": float32 [b, S, S, 3], "label": int32 [b]}, b = batch_size (host-local).
+
+    Epoch e is shuffled with (seed, e); `start_step` resumes exactly where an uninterrupted run
+    would be; the remainder is dropped: steps_per_epoch = num_train // (batch_size * process_count).
+    Process index and count default to JAX's.
+    """
+    return TrainBatches(resolve(cfg), batch_size, seed, start_step, *_process(process_index, process_count))
+
+
+def eval_batches(cfg: Mapping[str, Any], *, batch_size: int, process_index: int | None = None,
+                 process_count: int | None = None) -> EvalBatches:
+    """Finite, re-iterable batches {"image", "label", "mask" (bool)} of the eval split.
+
+    Every process yields the same number of batches; the last ones are padded, and over all
+    processes the masks select each example exactly once (minus skipped corrupt images).
+    """
+    return EvalBatches(resolve(cfg), batch_size, *_process(process_index, process_count))
+
+
+def _process(index: int | None, count: int | None) -> tuple[int, int]:
+    if index is None or count is None:
+        import jax  # pylint: disable=g-import-not-at-top
+
+        index = jax.process_index() if index is None else index
+        count = jax.process_count() if count is None else count
+    if not 0 <= index < count:
+        raise ValueError(f"process_index={index} must lie in [0, process_count={count}).")
+    return index, count
+
+
+def _seed(*parts: int) -> int:
+    """A 32-bit seed drawn from integers (seed, epoch, process, purpose)."""
+    return int(np.random.SeedSequence([int(p) % (1 << 63) for p in parts]).generate_state(1)[0])
+
+
+def _decode_resize(ds, resize_size: int, resize_mode: str):
+    """Encoded examples → decoded (with "ok"), resized uint8 images."""
+    tf = _tf.tf()
+    ds = preprocess.decode(ds)
+    return ds.map(lambda ex: {**ex, "image": preprocess.resize(ex["image"], resize_size, resize_mode)},
+                  num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _options(ds):
+    options = _tf.tf().data.Options()
+    options.deterministic = True
+    return ds.with_options(options)
+
+
+class TrainBatches(Iterator):
+    """The training stream of one process; see `train_batches`.
+
+    `steps_per_epoch`: batches per epoch. `num_skipped`: corrupt images skipped so far.
+    """
+
+    def __init__(self, cfg, batch_size: int, seed: int, start_step: int, process_index: int, process_count: int):
+        if batch_size < 1 or start_step < 0:
+            raise ValueError(f"batch_size={batch_size} must be positive and start_step={start_step} non-negative.")
+        self._cfg, self._batch, self._seed, self._process = cfg, batch_size, seed, process_index
+        self._src = open_source(cfg)
+        num_train = self._src.num_examples(cfg.train_split)
+        self.steps_per_epoch = num_train // (batch_size * process_count)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"Split {cfg.train_split!r} of {cfg.name!r} has {num_train} examples, fewer than one "
+                             f"global batch ({batch_size} x {process_count} processes); use a smaller batch.")
+        self._shard = _tf.tfds().even_splits(cfg.train_split, n=process_count)[process_index]
+        # Spare examples read after the epoch's own, in case corrupt ones leave it short.
+        self._spares = max(batch_size, self._src.num_examples(self._shard) // 100)
+        self._cached = None
+        if cfg.cache:
+            examples = self._src.read(self._shard, shuffle_files=False, seed=None)
+            self._cached = _decode_resize(examples, cfg.resize_size, cfg.resize_mode).cache()
+            log.info("Caching %s (%s) in memory...", cfg.name, cfg.train_split)
+            self._cached.reduce(0, lambda n, _: n + 1)  # One full pass fills the cache.
+        self.num_skipped = 0
+        self._stream = self._generate(start_step)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._stream)
+
+    def _generate(self, start_step: int):
+        epoch, offset = divmod(start_step, self.steps_per_epoch)
+        while True:
+            before, count = self.num_skipped, 0
+            for batch in self._epoch(epoch, offset).as_numpy_iterator():
+                count += 1
+                self._note_skipped(before + int(batch["skipped"][-1]), batch["last_bad"][-1])
+                yield {"image": batch["image"], "label": batch["label"]}
+            if count == 0:
+                raise ValueError(f"No decodable image in this process's part of {self._cfg.name!r} "
+                                 f"({self._cfg.train_split!r}); check the data set files.")
+            if count < self.steps_per_epoch - offset:
+                log.warning("Epoch %d had %d of %d batches: too many corrupt images.", epoch, count,
+                            self.steps_per_epoch - offset)
+            epoch, offset = epoch + 1, 0
+
+    def _note_skipped(self, total: int, last_bad: bytes) -> None:
+        if total == self.num_skipped:
+            return
+        name = last_bad.decode(errors="replace")
+        if self._cfg.on_corrupt == "fail":
+            raise CorruptImageError(f"Cannot decode image {name!r} of {self._cfg.name!r} ({self._cfg.train_split!r}); "
+                                    f"replace or delete it, or set data.on_corrupt='skip' to skip such images.")
+        log.warning("Skipped corrupt image %r of %s (%d skipped so far).", name, self._cfg.name, total)
+        self.num_skipped = total
+
+    def _epoch(self, epoch: int, offset: int):
+        """This process's batches of `epoch`, from batch `offset` on."""
+        tf, cfg, size = _tf.tf(), self._cfg, self._cfg.image_size
+        file_seed, shuffle_seed, aug_seed = (_seed(self._seed, epoch, self._process, k)
+                                             for k in (_FILE_ORDER, _SHUFFLE, _AUGMENT))
+        if self._cached is not None:
+            ds = spares = self._cached
+        else:
+            ds = self._src.read(self._shard, shuffle_files=True, seed=file_seed)
+            spares = self._src.read(self._shard, shuffle_files=False, seed=None)
+        if cfg.shuffle_buffer > 1:
+            ds = ds.shuffle(cfg.shuffle_buffer, seed=shuffle_seed)
+        ds = ds.concatenate(spares.take(self._spares))
+        ds = ds.enumerate().map(lambda i, ex: {**ex, "position": i}).skip(offset * self._batch)
+        if self._cached is None:
+            ds = _decode_resize(ds, cfg.resize_size, cfg.resize_mode)
+        ds = _count_and_drop_corrupt(ds).take((self.steps_per_epoch - offset) * self._batch)
+
+        def augment(ex):
+            seed = tf.stack([tf.constant(aug_seed, tf.int64), ex["position"]])
+            crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+            image = (preprocess.random_crop(ex["image"], size, crop_seed) if cfg.random_crop
+                     else preprocess.center_crop(ex["image"], size))
+            image = preprocess.random_flip(image, flip_seed)
+            return {"image": preprocess.normalize(image), "label": ex["label"], "skipped": ex["skipped"],
+                    "last_bad": ex["last_bad"]}
+
+        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        return _options(ds.batch(self._batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+
+
+def _count_and_drop_corrupt(ds):
+    """Drops examples whose image did not decode; the others carry the running count and last bad name."""
+    tf = _tf.tf()
+
+    def count(state, ex):
+        skipped, last_bad = state
+        skipped += tf.cast(tf.logical_not(ex["ok"]), tf.int64)
+        last_bad = tf.where(ex["ok"], last_bad, ex["file_name"])
+        return (skipped, last_bad), {**ex, "skipped": skipped, "last_bad": last_bad}
+
+    ds = ds.scan((tf.constant(0, tf.int64), tf.constant("")), count)
+    return ds.filter(lambda ex: ex["ok"])
+
+
+class EvalBatches:
+    """The eval split's batches for one process; see `eval_batches`. Iterate it once per evaluation.
+
+    `len()`: batches per pass (equal on every process). `num_examples`: this process's examples.
+    `num_skipped`: corrupt images left out (masked) in the last pass.
+    """
+
+    def __init__(self, cfg, batch_size: int, process_index: int, process_count: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be positive.")
+        self._cfg, self._batch, self._process, self._count = cfg, batch_size, process_index, process_count
+        self._src = open_source(cfg)
+        shards = _tf.tfds().even_splits(cfg.eval_split, n=process_count)
+        sizes = [self._src.num_examples(s) for s in shards]
+        self._shard, self.num_examples = shards[process_index], sizes[process_index]
+        self._num_batches = math.ceil(max(sizes) / batch_size)
+        self.num_skipped = 0
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        skipped = 0
+        for batch in self._dataset().as_numpy_iterator():
+            bad = batch["real"] & ~batch["ok"]
+            if bad.any():
+                names = [n.decode(errors="replace") for n in batch["file_name"][bad]]
+                if self._cfg.on_corrupt == "fail":
+                    raise CorruptImageError(
+                        f"Cannot decode image {names[0]!r} of {self._cfg.name!r} ({self._cfg.eval_split!r}); "
+                        f"replace or delete it, or set data.on_corrupt='skip' to leave such images out.")
+                skipped += len(names)
+                log.warning("Left out corrupt eval image(s) %s of %s.", names, self._cfg.name)
+            yield {"image": batch["image"], "label": batch["label"], "mask": batch["real"] & batch["ok"]}
+        self.num_skipped = skipped
+
+    def _dataset(self):
+        tf, cfg, size = _tf.tf(), self._cfg, self._cfg.image_size
+        padding = tf.data.Dataset.from_tensors({
+            "image": tf.zeros([size, size, 3], tf.uint8), "label": tf.constant(0, tf.int32),
+            "file_name": tf.constant(""), "ok": tf.constant(True), "real": tf.constant(False),
+        }).repeat(self._num_batches * self._batch - self.num_examples)
+        ds = padding
+        if self.num_examples:
+            examples = _eval_examples(self._src, cfg.eval_split, self._process, self._count, size,
+                                      cfg.resize_size, cfg.resize_mode, cfg.cache)
+            ds = examples.map(lambda ex: {**ex, "real": tf.constant(True)}).concatenate(padding)
+        ds = ds.map(lambda ex: {**ex, "image": preprocess.normalize(ex["image"])},
+                    num_parallel_calls=tf.data.AUTOTUNE)
+        return _options(ds.batch(self._batch).prefetch(tf.data.AUTOTUNE))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_eval_examples(src: Source, split: str, process_index: int, process_count: int, size: int,
+                          resize_size: int, resize_mode: str):
+    """The same, kept (with its in-memory cache) across evaluations."""
+    return _eval_examples(src, split, process_index, process_count, size, resize_size, resize_mode, False).cache()
+
+
+def _eval_examples(src: Source, split: str, process_index: int, process_count: int, size: int,
+                   resize_size: int, resize_mode: str, cache: bool):
+    """Resized, centre-cropped uint8 examples of this process's part of `split`, in file order."""
+    if cache:
+        return _cached_eval_examples(src, split, process_index, process_count, size, resize_size, resize_mode)
+    tf = _tf.tf()
+    shard = _tf.tfds().even_splits(split, n=process_count)[process_index]
+    ds = _decode_resize(src.read(shard, shuffle_files=False, seed=None), resize_size, resize_mode)
+    return ds.map(lambda ex: {**ex, "image": preprocess.center_crop(ex["image"], size)},
+                  num_parallel_calls=tf.data.AUTOTUNE)

@@ -1,0 +1,74 @@
+"""Image preprocessing in tf.data: decoding that survives corrupt files, resizing, crops, flips.
+
+Examples are dicts {"image", "label", "file_name"}; `decode` adds "ok" (False for an image that
+could not be decoded, whose image is then a 1×1 black placeholder). Images stay uint8 until
+`normalize`, so that the resized images can be cached compactly and cached and uncached runs
+see identical pixels. Random ops are stateless: the same seed gives the same crop and flip.
+"""
+
+from gcp_jax.data import _tf
+
+MEAN = (0.485, 0.456, 0.406)  # ImageNet RGB mean and std of x/255.
+STD = (0.229, 0.224, 0.225)
+
+
+def decode(ds):
+    """Decodes "image" (JPEG/PNG/GIF/BMP bytes) to uint8 [H, W, 3] in parallel, flagging failures in "ok"."""
+    tf = _tf.tf()
+
+    def decode_one(example):
+        image = tf.io.decode_image(example["image"], channels=3, expand_animations=False)
+        return {**example, "image": image, "ok": tf.constant(True)}
+
+    def try_decode(example):
+        # A one-element dataset whose decode error is swallowed by ignore_errors, then the
+        # placeholder: take(1) yields the decoded image, or the placeholder when decoding failed.
+        good = tf.data.Dataset.from_tensors(example).map(decode_one).ignore_errors()
+        bad = tf.data.Dataset.from_tensors(
+            {**example, "image": tf.zeros([1, 1, 3], tf.uint8), "ok": tf.constant(False)})
+        return good.concatenate(bad).take(1)
+
+    return ds.interleave(try_decode, cycle_length=tf.data.AUTOTUNE, block_length=1,
+                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def resize(image, size: int, mode: str):
+    """uint8 image → uint8 image with the shorter side = size ("shorter") or size × size ("square").
+
+    Bilinear with antialiasing (as PIL, hence torchvision, resizes), rounded back to uint8.
+    """
+    tf = _tf.tf()
+    if mode == "square":
+        target = tf.constant([size, size])
+    else:
+        hw = tf.cast(tf.shape(image)[:2], tf.float32)
+        target = tf.maximum(tf.cast(tf.round(hw * (size / tf.reduce_min(hw))), tf.int32), size)
+    out = tf.image.resize(image, target, method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+
+
+def center_crop(image, size: int):
+    """The central size × size window (the image is at least that large)."""
+    tf = _tf.tf()
+    hw = tf.shape(image)[:2]
+    top, left = (hw[0] - size) // 2, (hw[1] - size) // 2
+    out = image[top:top + size, left:left + size]
+    out.set_shape([size, size, 3])
+    return out
+
+
+def random_crop(image, size: int, seed):
+    """A size × size window at a position drawn from `seed` ([2] int tensor)."""
+    tf = _tf.tf()
+    return tf.image.stateless_random_crop(image, [size, size, 3], seed=seed)
+
+
+def random_flip(image, seed):
+    """Horizontal flip with probability 1/2, drawn from `seed`."""
+    return _tf.tf().image.stateless_random_flip_left_right(image, seed=seed)
+
+
+def normalize(image):
+    """uint8 → float32 (x/255 − mean)/std with the ImageNet statistics."""
+    tf = _tf.tf()
+    return (tf.cast(image, tf.float32) / 255.0 - tf.constant(MEAN)) / tf.constant(STD)

@@ -1,0 +1,193 @@
+"""Where examples come from: TFDS builders (the catalog's and ours) and image folders, one interface.
+
+A `Source` knows its class names and split sizes, resolves TFDS split specs ("train[:90%]",
+"train+validation", `tfds.even_splits` parts) to example counts, and reads a split as a
+tf.data.Dataset of {"image": encoded bytes, "label": int32, "file_name": string}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import os
+import types
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from gcp_jax.data import _tf
+from gcp_jax.data.errors import MissingDataError, missing_data_message
+
+OWN_BUILDERS = ("fgvc_aircraft", "stanford_cars", "synthetic_fgvc")
+IMAGE_FOLDER = "image_folder"
+FOLDER_SPLITS = ("train", "trainval", "val", "validation", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+_FILE_NAME_KEYS = ("file_name", "image/filename", "id")  # What the catalog's builders call it.
+_KNOWN = ("fgvc_aircraft[/variant|/family|/manufacturer], stanford_cars, synthetic_fgvc, image_folder, or a "
+          "TFDS catalog name such as caltech_birds2011, stanford_dogs, oxford_flowers102, i_naturalist2017")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Source:
+    """A data set's metadata and a reader of its splits (hashed by identity: one per opened data set)."""
+
+    name: str
+    class_names: tuple[str, ...]
+    split_sizes: Mapping[str, int]
+    read: Callable[..., Any]  # read(split, *, shuffle_files: bool, seed: int | None) -> tf.data.Dataset
+
+    def ranges(self, split) -> list[tuple[str, int, int]]:
+        """The (split name, start, stop) ranges that a split spec or sub-split selects."""
+        return _ranges(self.name, self.split_sizes, split)
+
+    def num_examples(self, split) -> int:
+        return sum(stop - start for _, start, stop in self.ranges(split))
+
+
+def _ranges(name: str, sizes: Mapping[str, int], split) -> list[tuple[str, int, int]]:
+    tfds = _tf.tfds()
+    spec = tfds.core.ReadInstruction.from_spec(split) if isinstance(split, str) else split
+    infos = {k: types.SimpleNamespace(num_examples=v, shard_lengths=[v]) for k, v in sizes.items()}
+    try:
+        absolute = spec.to_absolute(infos)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"Split {split!r} of data set {name!r} is invalid ({e}); its splits are "
+                         f"{dict(sizes)}.") from None
+    return [(a.splitname, a.from_ or 0, sizes[a.splitname] if a.to is None else a.to) for a in absolute]
+
+
+def open_source(cfg) -> Source:
+    """The source that `cfg` (a resolved data config) names, prepared if it is a TFDS builder."""
+    synthetic = tuple(cfg.synthetic[k] for k in ("num_classes", "train_per_class", "test_per_class",
+                                                 "image_size"))
+    return _open(cfg.name, cfg.data_dir, cfg.manual_dir, synthetic)
+
+
+@functools.lru_cache(maxsize=8)
+def _open(name: str, data_dir: str, manual_dir: str, synthetic: tuple[int, ...]) -> Source:
+    if name == IMAGE_FOLDER:
+        return _image_folder(manual_dir)
+    return _tfds_source(name, data_dir, manual_dir, synthetic)
+
+
+def _tfds_source(name: str, data_dir: str, manual_dir: str, synthetic: tuple[int, ...]) -> Source:
+    tfds = _tf.tfds()
+    kwargs = {"data_dir": data_dir or None}
+    if name == "synthetic_fgvc":
+        from gcp_jax.data.builders import synthetic_config  # pylint: disable=g-import-not-at-top
+
+        config = synthetic_config(*synthetic)
+        predefined = {c.name for c in tfds.builder_cls(name).BUILDER_CONFIGS}
+        kwargs["config"] = config.name if config.name in predefined else config
+    try:
+        builder = tfds.builder(name, **kwargs)
+    except ValueError as e:  # tfds.core.registered.DatasetNotFoundError, or an unknown config.
+        raise ValueError(f"Unknown data set {name!r} ({str(e).splitlines()[0]}); use {_KNOWN}.") from None
+    if not builder.is_prepared():
+        _prepare(builder, data_dir, manual_dir)
+    file_key = next((k for k in _FILE_NAME_KEYS if k in builder.info.features), None)
+    return Source(
+        name=name,
+        class_names=tuple(builder.info.features["label"].names),
+        split_sizes={k: v.num_examples for k, v in builder.info.splits.items()},
+        read=functools.partial(_read_tfds, builder, file_key),
+    )
+
+
+def _prepare(builder, data_dir: str, manual_dir: str) -> None:
+    """download_and_prepare; a catalog builder's failure becomes a MissingDataError saying what to fetch."""
+    tfds = _tf.tfds()
+    try:
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
+    except MissingDataError as e:
+        raise MissingDataError(str(e)) from None  # The own builders' message, without TFDS's stack.
+    except Exception as e:  # pylint: disable=broad-except
+        if builder.name in OWN_BUILDERS:
+            raise
+        root = data_dir or tfds.core.constants.get_default_data_dir()
+        manual = manual_dir or os.path.join(root, "downloads", "manual")
+        raise MissingDataError(_catalog_message(builder, manual) +
+                               f" (Preparing it failed with {type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+
+
+def _catalog_message(builder, manual: str) -> str:
+    """What a TFDS catalog data set downloads, from its registered checksums."""
+    try:
+        urls = type(builder).url_infos or {}
+    except Exception:  # pylint: disable=broad-except  # Some builders keep no checksums.
+        urls = {}
+    named = {info.filename: url for url, info in urls.items() if info.filename}
+    if named:
+        files = ", ".join(sorted(named))
+        sources = ", ".join(f"{url} ({fname})" for fname, url in sorted(named.items()))
+        return missing_data_message(builder.name, files, manual, sources)
+    return (f"Data set {builder.name!r} is not prepared and TFDS could not download it; TFDS cannot read its "
+            f"files from a manual folder, so prepare it where downloads work (`tfds build {builder.name} "
+            f"--data_dir DIR`) and copy DIR to data.data_dir (see {builder.info.homepage}).")
+
+
+def _read_tfds(builder, file_key: str | None, split, *, shuffle_files: bool, seed: int | None):
+    """The split as encoded examples (images are not decoded here, nor other features at all)."""
+    tf, tfds = _tf.tf(), _tf.tfds()
+    wanted = {"image": True, "label": True, **({file_key: True} if file_key else {})}
+    ds = builder.as_dataset(
+        split=split,
+        shuffle_files=shuffle_files,
+        decoders=tfds.decode.PartialDecoding(wanted, decoders={"image": tfds.decode.SkipDecoding()}),
+        read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=False),
+    )
+
+    def select(ex):
+        name = ex[file_key] if file_key else tf.constant("")
+        if name.dtype != tf.string:
+            name = tf.strings.as_string(name)
+        return {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32), "file_name": name}
+
+    return ds.map(select, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _image_folder(root: str) -> Source:
+    """A folder of class subfolders, or of split subfolders (train/, test/, ...) of class subfolders."""
+    if not root or not epath.Path(root).is_dir():
+        raise MissingDataError(f"image_folder needs data.manual_dir to be a folder with one subfolder of images per "
+                               f"class (optionally inside train/ and test/ folders); got {root!r}.")
+    base = epath.Path(root)
+    subdirs = sorted(p for p in base.iterdir() if p.is_dir())
+    if subdirs and all(p.name in FOLDER_SPLITS for p in subdirs):
+        split_dirs = {p.name: p for p in subdirs}
+    else:
+        split_dirs = {"train": base}
+    classes = sorted({c.name for d in split_dirs.values() for c in d.iterdir() if c.is_dir()})
+    index = {name: i for i, name in enumerate(classes)}
+    files = {}
+    for split, folder in split_dirs.items():
+        found = [(os.fspath(p.relative_to(base)), index[c.name])
+                 for c in folder.iterdir() if c.is_dir()
+                 for p in c.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
+        # A fixed pseudo-random order (by name hash), so that "train[:90%]" is a random 90 %.
+        files[split] = sorted(found, key=lambda f: hashlib.md5(f[0].encode()).hexdigest())
+    if not any(files.values()):
+        raise MissingDataError(f"image_folder found no images ({', '.join(IMAGE_EXTENSIONS)}) in class subfolders "
+                               f"of {root}.")
+    sizes = {k: len(v) for k, v in files.items()}
+    return Source(name=IMAGE_FOLDER, class_names=tuple(classes), split_sizes=sizes,
+                  read=functools.partial(_read_folder, base, files, sizes))
+
+
+def _read_folder(base, files: dict, sizes: dict, split, *, shuffle_files: bool, seed: int | None):
+    """The selected files, read (not decoded) in parallel; shuffle_files shuffles the whole list."""
+    tf = _tf.tf()
+    chosen = [f for name, start, stop in _ranges(IMAGE_FOLDER, sizes, split) for f in files[name][start:stop]]
+    ds = tf.data.Dataset.from_tensor_slices({
+        "path": np.array([os.fspath(base / rel) for rel, _ in chosen], dtype=str),
+        "label": np.array([label for _, label in chosen], dtype=np.int32),
+        "file_name": np.array([rel for rel, _ in chosen], dtype=str),
+    })
+    if shuffle_files and len(chosen) > 1:
+        ds = ds.shuffle(len(chosen), seed=seed)
+    return ds.map(lambda ex: {"image": tf.io.read_file(ex["path"]), "label": ex["label"],
+                              "file_name": ex["file_name"]},
+                  num_parallel_calls=tf.data.AUTOTUNE)

@@ -1,0 +1,9 @@
+"""Backbones (EfficientNet-B0…B7, ResNet-50/101, a tiny ResNet) and the classifier built on them."""
+
+from gcp_jax.models.classifier import Classifier
+from gcp_jax.models.efficientnet import EFFICIENTNET_PARAMS, EfficientNet
+from gcp_jax.models.registry import ARCHS, HEADS, create_model
+from gcp_jax.models.resnet import RESNET_PARAMS, ResNet
+
+__all__ = ["ARCHS", "HEADS", "Classifier", "EFFICIENTNET_PARAMS", "EfficientNet", "RESNET_PARAMS", "ResNet",
+           "create_model"]

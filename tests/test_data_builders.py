@@ -1,0 +1,104 @@
+"""The own TFDS builders on their dummy data: fgvc_aircraft, stanford_cars, synthetic_fgvc."""
+
+from unittest import mock
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow_datasets")
+
+from gcp_jax.data import _tf, synthetic  # noqa: E402
+from gcp_jax.data.builders import FgvcAircraft, StanfordCars, SyntheticFgvc, synthetic_config  # noqa: E402
+from gcp_jax.data.builders.fgvc_aircraft import fgvc_aircraft  # noqa: E402
+from gcp_jax.data.errors import MissingDataError  # noqa: E402
+
+tfds = _tf.tfds()
+AIRCRAFT_DUMMY = FgvcAircraft.code_path.parent / "dummy_data"
+CARS_DUMMY = StanfordCars.code_path.parent / "dummy_data"
+
+
+class FgvcAircraftTest(tfds.testing.DatasetBuilderTestCase):
+    DATASET_CLASS = FgvcAircraft
+    SPLITS = {"trainval": 4, "test": 2}
+
+
+class StanfordCarsTest(tfds.testing.DatasetBuilderTestCase):
+    DATASET_CLASS = StanfordCars
+    SPLITS = {"train": 3, "test": 2}
+
+
+class SyntheticFgvcTest(tfds.testing.DatasetBuilderTestCase):
+    DATASET_CLASS = SyntheticFgvc
+    BUILDER_CONFIG_NAMES_TO_TEST = [synthetic_config(3, 2, 1, 16)]
+    SPLITS = {"train": 6, "test": 3}
+    EXAMPLE_DIR = SyntheticFgvc.code_path.parent  # Nothing is downloaded.
+
+
+def _prepare(name, tmp_path, manual_dir):
+    builder = tfds.builder(name, data_dir=str(tmp_path))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+    return builder
+
+
+def _examples(builder, split):
+    return sorted(tfds.as_numpy(builder.as_dataset(split=split)), key=lambda ex: ex["file_name"])
+
+
+def test_aircraft_levels_banner_and_boxes(tmp_path):
+    expected = {"variant": ["707-320", "Cessna 172", "F/A-18"],
+                "family": ["Boeing 707", "Cessna 172", "F/A-18"],
+                "manufacturer": ["Boeing", "Cessna", "McDonnell Douglas"]}
+    for level, names in expected.items():
+        builder = _prepare(f"fgvc_aircraft/{level}", tmp_path, AIRCRAFT_DUMMY)
+        assert builder.info.features["label"].names == names
+    test = _examples(builder, "test")
+    assert [ex["file_name"] for ex in test] == [b"1514522.jpg", b"2074164.jpg"]
+    assert [names[ex["label"]] for ex in test] == ["McDonnell Douglas", "Cessna"]
+    image = test[0]["image"]
+    assert image.shape == (50 - fgvc_aircraft.BANNER, 48, 3)  # The dummy images are 48 x 50.
+    assert image[-3:].mean() < 150  # The white banner is gone.
+    # Box "3 2 40 35" (1-based) in a 48 x 30 crop: ymax is clipped to the crop.
+    np.testing.assert_allclose(test[0]["bbox"], [1 / 30, 2 / 48, 1.0, 40 / 48], rtol=1e-6)
+
+
+def test_cars_names_labels_and_boxes(tmp_path):
+    builder = _prepare("stanford_cars", tmp_path, CARS_DUMMY)
+    names = builder.info.features["label"].names
+    assert "Ram C/V Cargo Van Minivan 2012" in names and len(names) == 3
+    train = _examples(builder, "train")  # Read from the nested cars_train/cars_train/ (Kaggle layout).
+    assert [ex["label"] for ex in train] == [0, 1, 2]
+    assert train[0]["image"].shape == (24, 36, 3)
+    np.testing.assert_allclose(train[0]["bbox"], [2 / 24, 1 / 36, 20 / 24, 30 / 36], rtol=1e-6)
+
+
+def test_missing_files_name_the_data_set_files_place_and_source(tmp_path):
+    empty = tmp_path / "manual"
+    empty.mkdir()
+    with pytest.raises(MissingDataError) as cars:
+        _prepare("stanford_cars", tmp_path / "data", empty)
+    message = str(cars.value)
+    for part in ("stanford_cars", "cars_meta.mat", "cars_test_annos_withlabels.mat", str(empty), "kaggle"):
+        assert part in message
+    offline = mock.patch.object(tfds.download.DownloadManager, "download", side_effect=ConnectionError("offline"))
+    with offline, pytest.raises(MissingDataError) as air:
+        _prepare("fgvc_aircraft/variant", tmp_path / "data", empty)
+    for part in ("fgvc_aircraft", fgvc_aircraft.ARCHIVE, str(empty), fgvc_aircraft.URL, "ConnectionError"):
+        assert part in str(air.value)
+
+
+def test_synthetic_is_deterministic_and_second_order():
+    """Same seed, same images; per-channel means carry no class information, the colour covariance does."""
+    a = synthetic.generate(3, 4, num_classes=10, size=32, split="train")
+    np.testing.assert_array_equal(a, synthetic.generate(3, 4, num_classes=10, size=32, split="train"))
+    assert not np.array_equal(a, synthetic.generate(3, 4, num_classes=10, size=32, split="test"))
+    # Class 0 (grey) and class 5 (magenta-green) share orientation 0: same mean colour, but the
+    # green channel follows the red one in class 0 and opposes it in class 5.
+    stats = {}
+    for label in (0, 5):
+        x = synthetic.generate(label, 200, num_classes=10, size=32, split="train").astype(np.float64) / 255
+        flat = x.reshape(len(x), -1, 3)
+        centred = flat - flat.mean(1, keepdims=True)
+        stats[label] = (flat.mean(1).mean(0), (centred[..., 0] * centred[..., 1]).mean(1).mean())
+    np.testing.assert_allclose(stats[0][0], stats[5][0], atol=0.01)
+    assert stats[0][1] > 0.002 > -0.002 > stats[5][1]
+    assert synthetic.class_names(10)[5] == "0deg magenta-green"
