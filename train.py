@@ -14,8 +14,10 @@ JAX_PROCESS_ID environment variables), or --distributed to let JAX detect the cl
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the input pipeline's TensorFlow: errors only
+
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(

@@ -1,27 +1,34 @@
 """Benchmark: forward and training-step time per image and peak memory of the classifiers.
 
-    python bench/models.py                                    # EfficientNet-B0/B5, ResNet-50 × gap, gcp(seb) × 224, 448
-    python bench/models.py --archs resnet50 --sizes 448 --batch 8 --iters 10
+    python -m bench.models                                 # EfficientNet-B0/B5, ResNet-50 × gap, gcp(seb) × 224, 448
+    python -m bench.models --archs resnet50 --sizes 448 --batch 8 --repeats 10
 
 Synthetic in-memory batches and random weights (no TensorFlow, no download). Times are the
-median of `--iters` calls after one warm-up, divided by the batch. Peak memory is XLA's buffer
+median of `--repeats` calls after one warm-up, divided by the batch. Peak memory is XLA's buffer
 assignment for the compiled step (arguments + outputs + temporaries, donated buffers counted
-once): the same on every backend, and per step rather than per process. The training step is the real thing: cross-entropy, backward through the spectral
-layer, SGD with momentum, BatchNorm statistics updated, state donated.
+once): the same on every backend, and per step rather than per process. The training step is
+the real thing: cross-entropy, backward through the spectral layer, SGD with momentum,
+BatchNorm statistics updated, state donated.
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
+import os
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+# jaxlib's CPU eigh calls scipy's OpenBLAS, whose worker threads fight XLA's for the cores: on a
+# loaded 2-core host a 256×256 eigh took 0.03–0.8 s instead of 3 ms. Set before numpy loads it.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from gcp_jax.models import create_model
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from bench.common import machine_line, print_table, time_call  # noqa: E402
+from gcp_jax.models import create_model  # noqa: E402
 
 NUM_CLASSES = 200
 
@@ -68,18 +75,7 @@ def compiled_peak_bytes(compiled) -> int:
     return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
 
-def median_seconds(fn, iters):
-    """Median wall time of fn() over `iters` calls after one warm-up; fn must block."""
-    fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def bench_one(arch, head, size, batch, iters, last_stride):
+def bench_one(arch, head, size, batch, repeats, last_stride):
     gcp = {"norm": "seb", "dim": 256}
     model = create_model(arch, num_classes=NUM_CLASSES, head=head, gcp=gcp, dropout_rate=0.0,
                          last_stride=last_stride if arch.startswith("resnet") else 2)
@@ -91,7 +87,7 @@ def bench_one(arch, head, size, batch, iters, last_stride):
     forward, train_step = make_steps(model, tx)
 
     fwd_compiled = forward.lower(variables, images).compile()
-    fwd_s = median_seconds(lambda: fwd_compiled(variables, images).block_until_ready(), iters)
+    fwd_s = time_call(fwd_compiled, variables, images, repeats=repeats)
 
     state = (variables, tx.init(variables["params"]))
     train_compiled = train_step.lower(state, images, labels, key).compile()
@@ -99,25 +95,12 @@ def bench_one(arch, head, size, batch, iters, last_stride):
 
     def run_train():
         holder[0], loss = train_compiled(holder[0], images, labels, key)
-        loss.block_until_ready()
+        return loss
 
-    train_s = median_seconds(run_train, iters)
-    return {
-        "arch": arch, "head": "gap" if head == "gap" else "gcp(seb)", "size": size, "batch": batch,
-        "fwd_ms": 1e3 * fwd_s / batch, "train_ms": 1e3 * train_s / batch,
-        "fwd_mib": compiled_peak_bytes(fwd_compiled) / 2**20, "train_mib": compiled_peak_bytes(train_compiled) / 2**20,
-    }
-
-
-def print_table(rows):
-    header = ["arch", "head", "px", "batch", "forward ms/img", "train step ms/img", "forward peak MiB",
-              "train step peak MiB"]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for r in rows:
-        cells = [r["arch"], r["head"], r["size"], r["batch"], f"{r['fwd_ms']:.1f}", f"{r['train_ms']:.1f}",
-                 f"{r['fwd_mib']:.0f}", f"{r['train_mib']:.0f}"]
-        print("| " + " | ".join(str(c) for c in cells) + " |")
+    train_s = time_call(run_train, repeats=repeats)
+    return [arch, "gap" if head == "gap" else "gcp(seb)", size, batch, f"{1e3 * fwd_s / batch:.1f}",
+            f"{1e3 * train_s / batch:.1f}", f"{compiled_peak_bytes(fwd_compiled) / 2**20:.0f}",
+            f"{compiled_peak_bytes(train_compiled) / 2**20:.0f}"]
 
 
 def main():
@@ -126,20 +109,20 @@ def main():
     parser.add_argument("--heads", nargs="+", default=["gap", "gcp"], choices=["gap", "gcp"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 448])
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--last_stride", type=int, default=2, help="ResNet layer4 stride (1 = the GCP protocol).")
     args = parser.parse_args()
-    device = jax.devices()[0]
-    print(f"# {device.platform} {device.device_kind}, {jax.device_count()} device(s), jax {jax.__version__}; "
-          f"batch {args.batch}, median of {args.iters}; gcp = 256-d reduction + SEB (exact grad, float32)")
+    print(f"# {machine_line()}; batch {args.batch}, median of {args.repeats}; "
+          "gcp = 256-d reduction + SEB (exact grad, float32)")
     rows = []
     for arch in args.archs:
         for size in args.sizes:
             for head in args.heads:
                 start = time.perf_counter()
-                rows.append(bench_one(arch, head, size, args.batch, args.iters, args.last_stride))
+                rows.append(bench_one(arch, head, size, args.batch, args.repeats, args.last_stride))
                 print(f"# {arch} {head} {size}px done in {time.perf_counter() - start:.0f} s", flush=True)
-    print_table(rows)
+    print_table(["arch", "head", "px", "batch", "forward ms/img", "train step ms/img", "forward peak MiB",
+                 "train step peak MiB"], rows)
 
 
 if __name__ == "__main__":

@@ -38,18 +38,31 @@ def optim_config() -> ConfigDict:
                          warmup_epochs=0.0))
 
 
+def seconds(fn) -> float:
+  """Wall seconds of one call of fn() (which blocks on its result)."""
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
 def timed(fn, warmup: int, steps: int) -> float:
-  """Seconds per call of fn() (which blocks on its result), after `warmup` calls."""
+  """Median seconds per call of fn(), after `warmup` calls (the median resists a busy machine)."""
   for _ in range(warmup):
     fn()
-  start = time.perf_counter()
+  return float(np.median([seconds(fn) for _ in range(steps)]))
+
+
+def interleaved(fns: dict, steps: int) -> dict:
+  """Median seconds per call of each fn, calling them in turn so that all see the same machine load."""
+  times = {name: [] for name in fns}
   for _ in range(steps):
-    fn()
-  return (time.perf_counter() - start) / steps
+    for name, fn in fns.items():
+      times[name].append(seconds(fn))
+  return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def bench_jax(arch: str, head: str, size: int, batch: int, steps: int, num_classes: int = 100) -> dict:
-  """Train-step seconds (and spectral-head seconds) for one backbone/head."""
+def jax_step(arch: str, head: str, size: int, batch: int, num_classes: int = 100):
+  """(train_once, model, variable shapes): a jitted train step of `arch` with `head` on a synthetic batch."""
   norm = HEADS[head]
   model = models.create_model(arch, num_classes=num_classes, head="gap" if norm is None else "gcp",
                               gcp=dict(dim=GCP_DIM, norm=norm or "seb"), last_stride=1)
@@ -61,15 +74,21 @@ def bench_jax(arch: str, head: str, size: int, batch: int, steps: int, num_class
   rng = np.random.default_rng(0)
   batch_data = sharding.global_batch({"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
                                       "label": rng.integers(0, num_classes, batch).astype(np.int32)}, mesh)
+  shapes = jax.eval_shape(lambda: {"params": state.params, "batch_stats": state.batch_stats})
   holder = [state]
 
   def train_once():
     holder[0], metrics = step(holder[0], batch_data)
     jax.block_until_ready(metrics["loss"])
 
-  compile_start = time.perf_counter()
-  train_once()
-  compile_s = time.perf_counter() - compile_start
+  return train_once, model, shapes
+
+
+def bench_jax(arch: str, head: str, size: int, batch: int, steps: int) -> dict:
+  """Train-step seconds (and spectral-head seconds) for one backbone/head."""
+  norm = HEADS[head]
+  train_once, model, variables = jax_step(arch, head, size, batch)
+  compile_s = seconds(train_once)
   step_s = timed(train_once, 1, steps)
   result = {"arch": arch, "head": head, "size": size, "batch": batch, "step_s": step_s,
             "images_per_s": batch / step_s, "compile_s": compile_s, "spectral_s": None}
@@ -77,9 +96,8 @@ def bench_jax(arch: str, head: str, size: int, batch: int, steps: int, num_class
   if "peak_bytes_in_use" in stats:
     result["peak_gib"] = stats["peak_bytes_in_use"] / 2**30
   if norm is not None:
-    features = jax.eval_shape(lambda v, x: model.apply(v, x, method=model.features),
-                              {"params": state.params, "batch_stats": state.batch_stats},
-                              jnp.zeros((batch, size, size, 3)))
+    features = jax.eval_shape(lambda v, x: model.apply(v, x, method=model.features), variables,
+                              jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32))
     positions = features.shape[1] * features.shape[2]
     result["spectral_s"] = spectral_seconds(norm, batch, positions, steps)
     result["positions"] = positions
@@ -102,8 +120,8 @@ def spectral_seconds(norm: str, batch: int, positions: int, steps: int) -> float
 # The PyTorch reference recipe (imported only when asked for and available).
 
 
-def bench_torch(size: int, batch: int, steps: int, num_classes: int = 100) -> dict:
-  """Seconds per SGD step of the PyTorch reference ResNet-50 + 256-d float64 SVD SEB head."""
+def torch_step(size: int, batch: int, num_classes: int = 100):
+  """train_once() of the PyTorch reference recipe: ResNet-50 + 256-d float64 SVD SEB head, SGD."""
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
 
@@ -189,15 +207,24 @@ def bench_torch(size: int, batch: int, steps: int, num_classes: int = 100) -> di
     torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
     opt.step()
 
-  step_s = timed(train_once, 1, steps)
-  return {"arch": "resnet50 (torch)", "head": "seb", "size": size, "batch": batch, "step_s": step_s,
-          "images_per_s": batch / step_s, "threads": torch.get_num_threads()}
+  return train_once
+
+
+def bench_versus_torch(size: int, batch: int, steps: int) -> dict:
+  """ResNet-50 + SEB: ours and the torch recipe, timed in alternation (same machine load)."""
+  ours, _, _ = jax_step("resnet50", "seb", size, batch)
+  reference = torch_step(size, batch)
+  for fn in (ours, ours, reference):  # compile + warm up
+    fn()
+  step_s = interleaved({"jax": ours, "torch": reference}, steps)
+  return {"size": size, "batch": batch, **{f"{k}_step_s": v for k, v in step_s.items()},
+          **{f"{k}_images_per_s": batch / v for k, v in step_s.items()}}
 
 
 # ----------------------------------------------------------------------------------------------
 
 
-def table(rows: list[dict], torch_row: dict | None) -> str:
+def table(rows: list[dict]) -> str:
   lines = ["| backbone | head | px | batch | images/s | step (s) | spectral fwd+bwd (s) | spectral share | compile (s) |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
@@ -206,10 +233,18 @@ def table(rows: list[dict], torch_row: dict | None) -> str:
     lines.append(f"| {r['arch']} | {'gap' if r['head'] == 'gap' else 'gcp(' + r['head'] + ')'} | {r['size']} | "
                  f"{r['batch']} | {r['images_per_s']:.2f} | {r['step_s']:.3f} | "
                  f"{'—' if spectral is None else f'{spectral:.3f}'} | {share} | {r['compile_s']:.0f} |")
-  if torch_row:
-    lines.append(f"| {torch_row['arch']}, float64 SVD, ordinary-K backward | gcp(seb) | {torch_row['size']} | "
-                 f"{torch_row['batch']} | {torch_row['images_per_s']:.2f} | {torch_row['step_s']:.3f} | | | |")
   return "\n".join(lines)
+
+
+def versus_table(r: dict) -> str:
+  return "\n".join([
+      "| ResNet-50 (layer4 stride 1) + 256-d SEB, train step | px | batch | images/s | step (s) |",
+      "| --- | --- | --- | --- | --- |",
+      f"| gcp_jax (float32, eigh, exact backward) | {r['size']} | {r['batch']} | {r['jax_images_per_s']:.2f} | "
+      f"{r['jax_step_s']:.3f} |",
+      f"| PyTorch reference recipe (float64 SVD, ordinary-K backward) | {r['size']} | {r['batch']} | "
+      f"{r['torch_images_per_s']:.2f} | {r['torch_step_s']:.3f} |",
+      f"| ratio (ours / torch) | | | {r['jax_images_per_s'] / r['torch_images_per_s']:.2f} | |"])
 
 
 def main():
@@ -218,22 +253,24 @@ def main():
   parser.add_argument("--heads", default="gap,sqrt,seb")
   parser.add_argument("--size", type=int, default=448, help="Image side (pixels).")
   parser.add_argument("--batch", type=int, default=2, help="Global batch.")
-  parser.add_argument("--steps", type=int, default=3, help="Timed steps per row (after compile + 1 warmup).")
+  parser.add_argument("--steps", type=int, default=3, help="Timed steps per row (median; after compile + 1 warmup).")
   parser.add_argument("--torch", default="auto", choices=("auto", "on", "off"),
-                      help="The PyTorch reference column (ResNet-50 + SEB): auto = when torch is importable.")
+                      help="ResNet-50 + SEB against the PyTorch reference recipe, timed in alternation; "
+                      "auto = when torch is importable.")
   args = parser.parse_args()
-  print(f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), jax {jax.__version__}",
-        flush=True)
+  print(f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), jax {jax.__version__}, "
+        f"{os.cpu_count()} CPUs", flush=True)
   rows = []
-  for arch in args.archs.split(","):
+  for arch in filter(None, args.archs.split(",")):
     for head in args.heads.split(","):
       rows.append(bench_jax(arch, head, args.size, args.batch, args.steps))
       print(rows[-1], flush=True)
-  torch_row = None
+  if rows:
+    print(table(rows))
   if args.torch == "on" or (args.torch == "auto" and _torch_available()):
-    torch_row = bench_torch(args.size, args.batch, args.steps)
-    print(torch_row, flush=True)
-  print(table(rows, torch_row))
+    versus = bench_versus_torch(args.size, args.batch, args.steps)
+    print(versus, flush=True)
+    print(versus_table(versus))
 
 
 def _torch_available() -> bool:

@@ -127,9 +127,9 @@ class Progress:
     self._last_step, self._last_time = step, now
     return rate
 
-  def pause(self) -> None:
-    """Restart the images/s clock (after an eval or a checkpoint, which are not training time)."""
-    self._last_time = time.perf_counter()
+  def exclude(self, seconds: float) -> None:
+    """Leave `seconds` (an eval, a checkpoint) out of the images/s and ETA."""
+    self._last_time += seconds
 
   def close(self) -> None:
     if self._bar is not None:

@@ -10,6 +10,7 @@ input pipeline (`gcp_jax.data`), Orbax checkpoints and logging.
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -462,13 +463,14 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, mesh=None) -> dict[s
           pending = []
         eval_metrics = None
         if run.is_eval_step(step):
+          eval_start = time.perf_counter()
           eval_metrics = run.evaluate(state)
           writer.write(step, config.data.eval_split, eval_metrics)
           if eval_metrics["top1"] > meta["best_top1"]:
             meta.update(best_top1=eval_metrics["top1"], best_step=step)
           meta["final"] = eval_metrics
           metrics_lib.log(f"eval step {step}: " + _describe(eval_metrics) + f" (best top1 {meta['best_top1']:.4f})")
-          progress.pause()
+          progress.exclude(time.perf_counter() - eval_start)
         if (eval_metrics is not None or preempted or step == run.total_steps
             or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)):
           checkpoints.save(step, state, meta, metrics=eval_metrics)

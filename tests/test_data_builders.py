@@ -1,5 +1,7 @@
 """The own TFDS builders on their dummy data: fgvc_aircraft, stanford_cars, synthetic_fgvc."""
 
+import hashlib
+import tarfile
 from unittest import mock
 
 import numpy as np
@@ -59,6 +61,20 @@ def test_aircraft_levels_banner_and_boxes(tmp_path):
     assert image[-3:].mean() < 150  # The white banner is gone.
     # Box "3 2 40 35" (1-based) in a 48 x 30 crop: ymax is clipped to the crop.
     np.testing.assert_allclose(test[0]["bbox"], [1 / 30, 2 / 48, 1.0, 40 / 48], rtol=1e-6)
+
+
+def test_aircraft_reads_the_archive_and_checks_it(tmp_path, monkeypatch):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    archive = manual / fgvc_aircraft.ARCHIVE
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(AIRCRAFT_DUMMY / "fgvc-aircraft-2013b", arcname="fgvc-aircraft-2013b")
+    monkeypatch.setattr(fgvc_aircraft, "ARCHIVE_MD5", "0" * 32)
+    with pytest.raises(ValueError, match="damaged"):
+        _prepare("fgvc_aircraft/variant", tmp_path / "bad", manual)
+    monkeypatch.setattr(fgvc_aircraft, "ARCHIVE_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+    builder = _prepare("fgvc_aircraft/variant", tmp_path / "good", manual)
+    assert builder.info.splits["trainval"].num_examples == 4
 
 
 def test_cars_names_labels_and_boxes(tmp_path):

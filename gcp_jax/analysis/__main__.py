@@ -66,7 +66,7 @@ def run_spectra(run, variables, args):
             str(c): float(summary["small_share"][labels == c].mean()) for c in np.unique(labels)},
     }
     _write_json(args.out, "spectra.json", report)
-    print(plots.plot_spectra(eigs, labels, per_class, os.path.join(args.out, "spectra.png"),
+    print(plots.plot_spectra(spectra.clamp(eigs), labels, per_class, os.path.join(args.out, "spectra.png"),
                              class_names=run.info.class_names))
     print(json.dumps(report["mean"], indent=1))
 

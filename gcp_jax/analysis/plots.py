@@ -27,8 +27,9 @@ def plot_spectra(eigs, labels, class_log_spectrum, path, *, class_names=None, ma
     ranks = np.arange(1, eigs.shape[1] + 1)
     colours = plt.cm.tab10(np.asarray(labels) % 10)
     for e, colour in list(zip(eigs, colours))[:max_lines]:
-        left.semilogy(ranks, np.maximum(e[::-1], 1e-12), color=colour, alpha=0.5, lw=0.8)
-    left.set(xlabel="eigenvalue rank (largest first)", ylabel="λ", title=f"per image ({min(len(eigs), max_lines)} shown)")
+        left.semilogy(ranks, e[::-1], color=colour, alpha=0.5, lw=0.8)
+    left.set(xlabel="eigenvalue rank (largest first)", ylabel="λ (clamped at ε·λ_max)",
+             title=f"per image ({min(len(eigs), max_lines)} shown)")
     for c, row in enumerate(class_log_spectrum):
         if np.all(np.isnan(row)):
             continue

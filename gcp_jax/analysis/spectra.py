@@ -31,23 +31,28 @@ def eigenvalues(model, variables, images):
     return linalg.eigenvalues(covariances(model, variables, images))
 
 
+def clamp(eigs):
+    """Eigenvalues [B, d] floored at max(ε₃₂·λ_max, 1e-20) per image, the clamp of the float32 layer."""
+    eigs = np.asarray(eigs, np.float64)
+    floor = np.maximum(np.finfo(np.float32).eps * eigs[:, -1:], 1e-20)
+    return np.maximum(eigs, floor)
+
+
 def summarize(eigs, *, k=10):
     """Per-image spectrum statistics from ascending eigenvalues [B, d] (numpy in, numpy out).
 
-    condition: λ_max / λ_min with λ_min floored at ε·λ_max (the clamp of `linalg.default_eps`);
-    small_share: fraction of the trace in the k smallest eigenvalues; effective_rank:
-    exp(entropy of λ/trace), between 1 and d.
+    condition: λ_max / λ_min after the clamp (`clamp`); small_share: fraction of the trace in the
+    k smallest eigenvalues; effective_rank: exp(entropy of λ/trace), between 1 and d.
     """
-    eigs = np.maximum(np.asarray(eigs, np.float64), 0.0)
+    eigs = clamp(eigs)
     top = eigs[:, -1]
-    floor = np.maximum(np.finfo(np.float32).eps * top, 1e-20)
-    trace = np.maximum(eigs.sum(axis=-1), 1e-300)
+    trace = eigs.sum(axis=-1)
     p = eigs / trace[:, None]
     entropy = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=-1)
     return {
         "lambda_max": top,
         "lambda_min": eigs[:, 0],
-        "condition": top / np.maximum(eigs[:, 0], floor),
+        "condition": top / eigs[:, 0],
         "small_share": eigs[:, :k].sum(axis=-1) / trace,
         "effective_rank": np.exp(entropy),
     }
@@ -60,7 +65,7 @@ def mean_summary(eigs, *, k=10):
 
 def per_class_log_spectrum(eigs, labels, num_classes):
     """Mean log10 eigenvalue per class and rank, [num_classes, d] (NaN for absent classes)."""
-    logs = np.log10(np.maximum(np.asarray(eigs, np.float64), 1e-30))
+    logs = np.log10(clamp(eigs))
     out = np.full((num_classes, logs.shape[1]), np.nan)
     for c in np.unique(labels):
         out[c] = logs[labels == c].mean(axis=0)

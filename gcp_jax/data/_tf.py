@@ -1,11 +1,13 @@
 """Lazy, CPU-only TensorFlow and TFDS: the rest of gcp_jax never imports them."""
 
 import functools
+import os
 
 
 @functools.cache
 def tf():
     """The tensorflow module, hidden from GPUs so that JAX keeps the accelerator memory."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # No C++ INFO lines (oneDNN, CPU features) on import.
     import tensorflow  # pylint: disable=g-import-not-at-top
 
     try:

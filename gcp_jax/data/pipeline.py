@@ -10,7 +10,9 @@ crop, every process yields the same number of batches, padded with masked exampl
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import itertools
 import logging
 import math
 from collections.abc import Iterator, Mapping
@@ -128,20 +130,33 @@ class TrainBatches(Iterator):
         return next(self._stream)
 
     def _generate(self, start_step: int):
+        """Epoch after epoch; the next epoch's pipeline starts (shuffle buffer, first batch) in a
+        background thread during the last tenth of the current one, so epochs follow without a stall."""
         epoch, offset = divmod(start_step, self.steps_per_epoch)
-        while True:
-            before, count = self.num_skipped, 0
-            for batch in self._epoch(epoch, offset).as_numpy_iterator():
-                count += 1
-                self._note_skipped(before + int(batch["skipped"][-1]), batch["last_bad"][-1])
-                yield {"image": batch["image"], "label": batch["label"]}
-            if count == 0:
-                raise ValueError(f"No decodable image in this process's part of {self._cfg.name!r} "
-                                 f"({self._cfg.train_split!r}); check the data set files.")
-            if count < self.steps_per_epoch - offset:
-                log.warning("Epoch %d had %d of %d batches: too many corrupt images.", epoch, count,
-                            self.steps_per_epoch - offset)
-            epoch, offset = epoch + 1, 0
+        with concurrent.futures.ThreadPoolExecutor(1) as starter:
+            upcoming = starter.submit(self._start_epoch, epoch, offset)
+            while True:
+                batches, expected = upcoming.result(), self.steps_per_epoch - offset
+                upcoming, before, count = None, self.num_skipped, 0
+                for batch in batches:
+                    count += 1
+                    if upcoming is None and count >= expected - max(1, expected // 10):
+                        upcoming = starter.submit(self._start_epoch, epoch + 1, 0)
+                    self._note_skipped(before + int(batch["skipped"][-1]), batch["last_bad"][-1])
+                    yield {"image": batch["image"], "label": batch["label"]}
+                if count == 0:
+                    raise ValueError(f"No decodable image in this process's part of {self._cfg.name!r} "
+                                     f"({self._cfg.train_split!r}); check the data set files.")
+                if count < expected:
+                    log.warning("Epoch %d had %d of %d batches: too many corrupt images.", epoch, count, expected)
+                upcoming = upcoming or starter.submit(self._start_epoch, epoch + 1, 0)
+                epoch, offset = epoch + 1, 0
+
+    def _start_epoch(self, epoch: int, offset: int):
+        """An iterator over the epoch's numpy batches, its first batch already made."""
+        batches = self._epoch(epoch, offset).as_numpy_iterator()
+        first = next(batches, None)
+        return batches if first is None else itertools.chain([first], batches)
 
     def _note_skipped(self, total: int, last_bad: bytes) -> None:
         if total == self.num_skipped:

@@ -47,7 +47,12 @@ class Source:
         return sum(stop - start for _, start, stop in self.ranges(split))
 
 
+def _first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [""])[0]
+
+
 def _ranges(name: str, sizes: Mapping[str, int], split) -> list[tuple[str, int, int]]:
+    """Resolves `split` with TFDS's own slicing rules against split sizes {name: count}."""
     tfds = _tf.tfds()
     spec = tfds.core.ReadInstruction.from_spec(split) if isinstance(split, str) else split
     infos = {k: types.SimpleNamespace(num_examples=v, shard_lengths=[v]) for k, v in sizes.items()}
@@ -85,7 +90,7 @@ def _tfds_source(name: str, data_dir: str, manual_dir: str, synthetic: tuple[int
     try:
         builder = tfds.builder(name, **kwargs)
     except ValueError as e:  # tfds.core.registered.DatasetNotFoundError, or an unknown config.
-        raise ValueError(f"Unknown data set {name!r} ({str(e).splitlines()[0]}); use {_KNOWN}.") from None
+        raise ValueError(f"Unknown data set {name!r} ({_first_line(e)}); use {_KNOWN}.") from None
     if not builder.is_prepared():
         _prepare(builder, data_dir, manual_dir)
     file_key = next((k for k in _FILE_NAME_KEYS if k in builder.info.features), None)
@@ -110,7 +115,7 @@ def _prepare(builder, data_dir: str, manual_dir: str) -> None:
         root = data_dir or tfds.core.constants.get_default_data_dir()
         manual = manual_dir or os.path.join(root, "downloads", "manual")
         raise MissingDataError(_catalog_message(builder, manual) +
-                               f" (Preparing it failed with {type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+                               f" (Preparing it failed with {type(e).__name__}: {_first_line(e)[:200]})") from e
 
 
 def _catalog_message(builder, manual: str) -> str:

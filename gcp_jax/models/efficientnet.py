@@ -45,6 +45,11 @@ _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "truncated_normal"
 _depthwise_init = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 
 
+def _bn(train, dtype, name):
+    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
+                        name=name)
+
+
 def round_filters(filters: int, width: float, divisor: int = 8) -> int:
     """Channels scaled by `width`, rounded to a multiple of `divisor`, never 10 % below."""
     scaled = filters * width
@@ -98,8 +103,7 @@ class MBConv(nn.Module):
     @nn.compact
     def __call__(self, inputs, train: bool = False):
         s = self.spec
-        bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                                       epsilon=BN_EPSILON, dtype=self.dtype, name=name)
+        bn = lambda name: _bn(train, self.dtype, name)
         conv = lambda features, name, **kw: nn.Conv(features, (1, 1), dtype=self.dtype,
                                                     kernel_init=_conv_init, name=name, **kw)
         filters = s.filters_in * s.expand_ratio
@@ -130,8 +134,7 @@ class EfficientNet(nn.Module):
 
     @nn.compact
     def __call__(self, images, train: bool = False):
-        bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                                       epsilon=BN_EPSILON, dtype=self.dtype, name=name)
+        bn = lambda name: _bn(train, self.dtype, name)
         x = images.astype(self.dtype)
         x = nn.Conv(round_filters(32, self.width), (3, 3), strides=2, padding="SAME", use_bias=False,
                     dtype=self.dtype, kernel_init=_conv_init, name="stem_conv")(x)
