@@ -13,22 +13,16 @@ BatchNorm statistics updated, state donated.
 
 from __future__ import annotations
 
-import os
+import argparse
+import time
 
-# jaxlib's CPU eigh calls scipy's OpenBLAS, whose worker threads fight XLA's for the cores: on a
-# loaded 2-core host a 256×256 eigh took 0.03–0.8 s instead of 3 ms. Set before numpy loads it.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import argparse  # noqa: E402
-import time  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-from bench.common import machine_line, print_table, time_call  # noqa: E402
-from gcp_jax.models import create_model  # noqa: E402
+from bench.common import machine_line, print_table, time_call
+from gcp_jax.models import create_model
 
 NUM_CLASSES = 200
 

@@ -15,6 +15,7 @@ SGD with clipping -- the comparison column.
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 
@@ -50,15 +51,6 @@ def timed(fn, warmup: int, steps: int) -> float:
   for _ in range(warmup):
     fn()
   return float(np.median([seconds(fn) for _ in range(steps)]))
-
-
-def interleaved(fns: dict, steps: int) -> dict:
-  """Median seconds per call of each fn, calling them in turn so that all see the same machine load."""
-  times = {name: [] for name in fns}
-  for _ in range(steps):
-    for name, fn in fns.items():
-      times[name].append(seconds(fn))
-  return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def jax_step(arch: str, head: str, size: int, batch: int, num_classes: int = 100):
@@ -210,13 +202,43 @@ def torch_step(size: int, batch: int, num_classes: int = 100):
   return train_once
 
 
+def torch_worker(size: int, batch: int) -> None:
+  """Child process: one reference train step per line read from stdin, its seconds written to stdout."""
+  step = torch_step(size, batch)
+  for _ in sys.stdin:
+    print(seconds(step), flush=True)
+
+
 def bench_versus_torch(size: int, batch: int, steps: int) -> dict:
-  """ResNet-50 + SEB: ours and the torch recipe, timed in alternation (same machine load)."""
+  """ResNet-50 + SEB: ours and the torch recipe, steps alternating (same machine load).
+
+  The torch recipe runs in a child process, so that the two runtimes' thread pools never share
+  a process; each side gets 2 warm-up steps (compile included) before `steps` timed ones.
+  """
   ours, _, _ = jax_step("resnet50", "seb", size, batch)
-  reference = torch_step(size, batch)
-  for fn in (ours, ours, reference):  # compile + warm up
-    fn()
-  step_s = interleaved({"jax": ours, "torch": reference}, steps)
+  child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--torch-worker", f"--size={size}",
+                            f"--batch={batch}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+  def reference():
+    child.stdin.write("\n")
+    child.stdin.flush()
+    line = child.stdout.readline()
+    if not line:
+      raise RuntimeError("the torch reference process stopped; run it alone with --torch-worker to see why.")
+    return float(line)
+
+  try:
+    for _ in range(2):
+      ours()
+      reference()
+    times = {"jax": [], "torch": []}
+    for _ in range(steps):
+      times["jax"].append(seconds(ours))
+      times["torch"].append(reference())
+  finally:
+    child.stdin.close()
+    child.wait()
+  step_s = {k: float(np.median(v)) for k, v in times.items()}
   return {"size": size, "batch": batch, **{f"{k}_step_s": v for k, v in step_s.items()},
           **{f"{k}_images_per_s": batch / v for k, v in step_s.items()}}
 
@@ -255,9 +277,12 @@ def main():
   parser.add_argument("--batch", type=int, default=2, help="Global batch.")
   parser.add_argument("--steps", type=int, default=3, help="Timed steps per row (median; after compile + 1 warmup).")
   parser.add_argument("--torch", default="auto", choices=("auto", "on", "off"),
-                      help="ResNet-50 + SEB against the PyTorch reference recipe, timed in alternation; "
+                      help="ResNet-50 + SEB against the PyTorch reference recipe (a child process), steps alternating; "
                       "auto = when torch is importable.")
+  parser.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.torch_worker:
+    return torch_worker(args.size, args.batch)
   print(f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), jax {jax.__version__}, "
         f"{os.cpu_count()} CPUs", flush=True)
   rows = []

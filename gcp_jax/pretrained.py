@@ -27,7 +27,7 @@ import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
-from gcp_jax.models import EFFICIENTNET_PARAMS, RESNET_PARAMS, create_model
+from gcp_jax.models import ARCHS, EFFICIENTNET_PARAMS, RESNET_PARAMS, create_model
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
 IMAGENET_STD = np.array([0.229, 0.224, 0.225])
@@ -150,8 +150,9 @@ def _keras_tensors(path, arch):
             raise ValueError(f"{path}: layer {layer!r} that {arch} needs is missing; is it a weight file for {arch}?")
         tensors = layers.pop(layer)
         if len(tensors) != len(keys):
-            raise ValueError(f"{path}: layer {layer!r} has {len(tensors)} tensors ({', '.join(n for n, _ in tensors)}), "
-                             f"{arch} needs {len(keys)}; the file is probably for another architecture.")
+            names = ", ".join(n for n, _ in tensors)
+            raise ValueError(f"{path}: layer {layer!r} has {len(tensors)} tensors ({names}), {arch} needs "
+                             f"{len(keys)}; the file is probably for another architecture.")
         for key, (name, array) in zip(keys, tensors):
             if module[-1] == "dwconv":  # Keras depthwise [k, k, C, 1] → Flax grouped conv [k, k, 1, C]
                 array = array.transpose(0, 1, 3, 2)
@@ -234,7 +235,7 @@ def _reader(path: str, arch: str) -> Callable:
         if not path.endswith(TORCH_SUFFIXES + (".safetensors",)):
             raise ValueError(f"{arch} loads torchvision state dicts (.pth or .safetensors), got {path!r}.")
         return _torch_tensors
-    raise ValueError(f"Unknown arch {arch!r}; choose one of {', '.join(list(EFFICIENTNET_PARAMS) + list(RESNET_PARAMS))}.")
+    raise ValueError(f"Unknown arch {arch!r}; choose one of {', '.join(ARCHS)}.")
 
 
 def load_pretrained(path: str, arch: str) -> dict[str, Any]:

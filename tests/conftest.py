@@ -5,3 +5,4 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # OpenBLAS threads (eigh on CPU) would fight XLA's

@@ -117,8 +117,8 @@ def test_gcp_model_forward_and_backward():
     for part in ("backbone", "head", "classifier"):
         leaves = jax.tree.leaves(grads[part])
         assert all(np.all(np.isfinite(g)) for g in leaves) and any(np.any(g != 0) for g in leaves), part
-    old, new = variables["batch_stats"]["head"]["reduce_bn"]["mean"], updates["batch_stats"]["head"]["reduce_bn"]["mean"]
-    assert not np.allclose(old, new)
+    head_stats = lambda tree: tree["batch_stats"]["head"]["reduce_bn"]["mean"]
+    assert not np.allclose(head_stats(variables), head_stats(updates))
     pooled, logits = model.apply(variables, images, method=lambda m, x: (m.pooled(x), m(x)))
     assert pooled.shape == (4, 36) and logits.shape == (4, 5) and logits.dtype == jnp.float32
 
