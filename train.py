@@ -20,6 +20,13 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  return int(value) if value else None
+
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(_HERE, "configs", "demo.py"),
     "Config file with a get_config(); `file.py:arg` passes arg (e.g. configs/aircraft.py:resnet50).")
@@ -27,10 +34,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, met
                                "Default: runs/<config name>.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
                                    "host:port of process 0, for multi-process runs.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "0")) or None,
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", _env_int("JAX_NUM_PROCESSES"),
                                       "Number of processes of a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "-1")) if
-                                   "JAX_PROCESS_ID" in os.environ else None, "This process's index.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", _env_int("JAX_PROCESS_ID"), "This process's index (0 first).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() and let JAX "
                                  "detect the cluster (Cloud TPU, SLURM, Open MPI, ...).")
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback of configuration and data errors.")

@@ -4,7 +4,7 @@
     python -m bench.models --archs resnet50 --sizes 448 --batch 8 --repeats 10
 
 Synthetic in-memory batches and random weights (no TensorFlow, no download). Times are the
-median of `--repeats` calls after one warm-up, divided by the batch. Peak memory is XLA's buffer
+fastest of `--repeats` calls after one warm-up, divided by the batch. Peak memory is XLA's buffer
 assignment for the compiled step (arguments + outputs + temporaries, donated buffers counted
 once): the same on every backend, and per step rather than per process. The training step is
 the real thing: cross-entropy, backward through the spectral layer, SGD with momentum,
@@ -106,7 +106,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--last_stride", type=int, default=2, help="ResNet layer4 stride (1 = the GCP protocol).")
     args = parser.parse_args()
-    print(f"# {machine_line()}; batch {args.batch}, median of {args.repeats}; "
+    print(f"# {machine_line()}; batch {args.batch}, fastest of {args.repeats}; "
           "gcp = 256-d reduction + SEB (exact grad, float32)")
     rows = []
     for arch in args.archs:

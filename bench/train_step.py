@@ -299,11 +299,9 @@ def main():
 
 
 def _torch_available() -> bool:
-  try:
-    import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    return False
-  return True
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  return importlib.util.find_spec("torch") is not None
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def get_config() -> config_dict.ConfigDict:
   c.model.dtype = "float32"  # Backbone compute dtype: "float32" or "bfloat16" (the spectral head uses gcp.dtype).
   c.model.dropout_rate = config_dict.placeholder(float)  # Dropout before the classifier; None = the arch's (B5: 0.4, ResNet: 0).
   c.model.drop_connect_rate = config_dict.placeholder(float)  # EfficientNet stochastic depth; None = 0.2 (ResNets: None or 0).
-  c.model.last_stride = 1  # Last stride-2 stage at stride 1 (28x28 maps at 448 px, the GCP protocol); 2 = as on ImageNet.
+  c.model.last_stride = 1  # ResNet layer4 stride: 1 = 28x28 maps at 448 px (the GCP protocol), 2 = ImageNet's. EfficientNets keep theirs.
 
   # --- GCP head (gcp_jax.pooling.GCPHead) ---------------------------------------------
   c.gcp = config_dict.ConfigDict()
@@ -75,10 +75,10 @@ def get_config() -> config_dict.ConfigDict:
 
 
 def with_backbone(config: config_dict.ConfigDict, arch: str) -> config_dict.ConfigDict:
-  """`config` with backbone `arch` (a protocol file's `:variant`), last stage at stride 1.
+  """`config` with backbone `arch` (a protocol file's `:variant`).
 
-  Stride 1 in the last stage gives 28x28 = 784 positions at 448 px, so the 256-d covariance is
-  full rank (METHOD.md §6); the ResNet-50 variant is the GCP protocol's stride-1 ResNet-50.
+  ResNets get layer4 at stride 1: 28x28 = 784 positions at 448 px, so the 256-d covariance is
+  full rank (the GCP protocol, METHOD.md §6). EfficientNets keep their strides (14x14 at 448 px).
   """
   config.model.arch = arch
   config.model.last_stride = 1

@@ -402,6 +402,9 @@ class Run:
                                                        self.config.model.arch)
       metrics_lib.log(f"pretrained: {report}")
       variables = sharding.replicate(loaded, self.mesh)
+    else:
+      metrics_lib.log("model.pretrained is empty: random initialisation (the FGVC protocols fine-tune ImageNet "
+                      "weights: --config.model.pretrained=FILE).")
     return create_train_state(variables, self.tx, self.mesh)
 
   def evaluate(self, state: TrainState) -> dict[str, float]:
@@ -461,19 +464,18 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, mesh=None) -> dict[s
         if step % config.log_every_steps == 0 or step == run.total_steps or preempted:
           _log_train(step, step / run.steps_per_epoch, pending, state, progress, writer, config.max_nonfinite_steps)
           pending = []
-        eval_metrics = None
+        eval_metrics, pause_start = None, time.perf_counter()
         if run.is_eval_step(step):
-          eval_start = time.perf_counter()
           eval_metrics = run.evaluate(state)
           writer.write(step, config.data.eval_split, eval_metrics)
           if eval_metrics["top1"] > meta["best_top1"]:
             meta.update(best_top1=eval_metrics["top1"], best_step=step)
           meta["final"] = eval_metrics
           metrics_lib.log(f"eval step {step}: " + _describe(eval_metrics) + f" (best top1 {meta['best_top1']:.4f})")
-          progress.exclude(time.perf_counter() - eval_start)
         if (eval_metrics is not None or preempted or step == run.total_steps
             or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)):
           checkpoints.save(step, state, meta, metrics=eval_metrics)
+          progress.exclude(time.perf_counter() - pause_start)
         if preempted:
           metrics_lib.log(f"SIGTERM: stopped at step {step} with a checkpoint; run the same command to resume.")
           break

@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 
 from configs import demo

@@ -96,3 +96,29 @@ def test_nonfinite_steps_stop_the_run(data_dir, tmp_path, monkeypatch):
   config.max_nonfinite_steps = 3
   with pytest.raises(training.NonFiniteError, match=r"Stopped at step 4: 4 steps .*max_nonfinite_steps=3"):
     training.train_and_evaluate(config, str(tmp_path))
+
+
+def test_pretrained_backbone_is_loaded(data_dir, tmp_path):
+  """config.model.pretrained: a torchvision-layout state dict of resnet_tiny fills the backbone."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+
+  from gcp_jax import models, pretrained  # pylint: disable=g-import-not-at-top
+
+  imagenet = models.create_model("resnet_tiny", num_classes=1000, head="gap")
+  variables = jax.jit(imagenet.init)(jax.random.key(7), np.zeros((1, 32, 32, 3), np.float32))
+  state_dict = {}
+  for key, value in traverse_util.flatten_dict(jax.device_get(variables)).items():
+    value = np.asarray(value)
+    value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else (value.T if value.ndim == 2 else value)  # torch layouts
+    state_dict[pretrained._torch_key(key)] = np.ascontiguousarray(value)  # pylint: disable=protected-access
+  path = str(tmp_path / "resnet_tiny.safetensors")
+  save_file(state_dict, path)
+
+  config = tiny_config(data_dir)
+  config.model.pretrained = path
+  state = training.Run(config).initial_state()
+  np.testing.assert_array_equal(state.params["backbone"]["conv1"]["kernel"],
+                                variables["params"]["backbone"]["conv1"]["kernel"])
+  np.testing.assert_array_equal(state.batch_stats["backbone"]["bn1"]["var"],
+                                variables["batch_stats"]["backbone"]["bn1"]["var"])
