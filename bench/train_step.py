@@ -1,7 +1,8 @@
 """Images/s of the jitted train step, and the share of it spent in the spectral head.
 
-  python bench/train_step.py                                   # the README table (CPU: a few minutes)
-  python bench/train_step.py --archs resnet50 --heads seb --size 448 --batch 16   # e.g. on a GPU
+  python -m bench.train_step                                   # the README table (2-core CPU: ~15 minutes)
+  python -m bench.train_step --archs resnet50 --torch off      # ResNet-50 rows only
+  python -m bench.train_step --archs resnet50 --heads seb --batch 16   # e.g. on a GPU
 
 For each backbone and head (gap, gcp with sqrt, gcp with SEB; 256-d reduction, last stage at
 stride 1) it times `gcp_jax.training.make_train_step` (forward, backward, SGD update; synthetic
@@ -10,23 +11,26 @@ in-memory batches, no TensorFlow) and, separately, the spectral part of the head
 same shape). When torch is importable it adds the PyTorch reference recipe for ResNet-50 + SEB:
 a ResNet-50 written here (layer4 at stride 1), the 256-d reduction, the covariance and SEB in
 float64 by SVD with the ordinary-K eigen backward (METHOD.md §3) as a torch.autograd.Function,
-SGD with clipping -- the comparison column.
+SGD with clipping -- the comparison column, its steps alternating with ours (a child process).
+Times are the fastest of `--steps` timed steps after compile and one warm-up (bench.common).
 """
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from ml_collections import ConfigDict  # noqa: E402
+from bench.common import machine_line, print_table, time_call
+from gcp_jax import linalg, models, pooling, sharding, training
 
-from gcp_jax import linalg, models, pooling, sharding, training  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HEADS = {"gap": None, "sqrt": "sqrt", "seb": "seb"}
 GCP_DIM = 256
@@ -44,13 +48,6 @@ def seconds(fn) -> float:
   start = time.perf_counter()
   fn()
   return time.perf_counter() - start
-
-
-def timed(fn, warmup: int, steps: int) -> float:
-  """Median seconds per call of fn(), after `warmup` calls (the median resists a busy machine)."""
-  for _ in range(warmup):
-    fn()
-  return float(np.median([seconds(fn) for _ in range(steps)]))
 
 
 def jax_step(arch: str, head: str, size: int, batch: int, num_classes: int = 100):
@@ -81,7 +78,7 @@ def bench_jax(arch: str, head: str, size: int, batch: int, steps: int) -> dict:
   norm = HEADS[head]
   train_once, model, variables = jax_step(arch, head, size, batch)
   compile_s = seconds(train_once)
-  step_s = timed(train_once, 1, steps)
+  step_s = time_call(train_once, repeats=steps, warmup=1)
   result = {"arch": arch, "head": head, "size": size, "batch": batch, "step_s": step_s,
             "images_per_s": batch / step_s, "compile_s": compile_s, "spectral_s": None}
   stats = jax.devices()[0].memory_stats() or {}
@@ -104,8 +101,7 @@ def spectral_seconds(norm: str, batch: int, positions: int, steps: int) -> float
   def loss(x):
     return jnp.sum(linalg.triu_vec(pooling.normalize(linalg.covariance(x), norm=norm)) * w)
 
-  grad = jax.jit(jax.grad(loss))
-  return timed(lambda: jax.block_until_ready(grad(x)), 2, steps)
+  return time_call(jax.jit(jax.grad(loss)), x, repeats=steps, warmup=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,15 +212,15 @@ def bench_versus_torch(size: int, batch: int, steps: int) -> dict:
   a process; each side gets 2 warm-up steps (compile included) before `steps` timed ones.
   """
   ours, _, _ = jax_step("resnet50", "seb", size, batch)
-  child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--torch-worker", f"--size={size}",
-                            f"--batch={batch}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  child = subprocess.Popen([sys.executable, "-m", "bench.train_step", "--torch-worker", f"--size={size}",
+                            f"--batch={batch}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
 
   def reference():
     child.stdin.write("\n")
     child.stdin.flush()
     line = child.stdout.readline()
     if not line:
-      raise RuntimeError("the torch reference process stopped; run it alone with --torch-worker to see why.")
+      raise RuntimeError("The torch reference process stopped; its error is printed above.")
     return float(line)
 
   try:
@@ -238,7 +234,7 @@ def bench_versus_torch(size: int, batch: int, steps: int) -> dict:
   finally:
     child.stdin.close()
     child.wait()
-  step_s = {k: float(np.median(v)) for k, v in times.items()}
+  step_s = {k: min(v) for k, v in times.items()}
   return {"size": size, "batch": batch, **{f"{k}_step_s": v for k, v in step_s.items()},
           **{f"{k}_images_per_s": batch / v for k, v in step_s.items()}}
 
@@ -246,27 +242,24 @@ def bench_versus_torch(size: int, batch: int, steps: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def table(rows: list[dict]) -> str:
-  lines = ["| backbone | head | px | batch | images/s | step (s) | spectral fwd+bwd (s) | spectral share | compile (s) |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-  for r in rows:
+def print_rows(rows: list[dict]) -> None:
+  def cells(r):
     spectral = r["spectral_s"]
-    share = "—" if spectral is None else f"{100 * spectral / r['step_s']:.1f} %"
-    lines.append(f"| {r['arch']} | {'gap' if r['head'] == 'gap' else 'gcp(' + r['head'] + ')'} | {r['size']} | "
-                 f"{r['batch']} | {r['images_per_s']:.2f} | {r['step_s']:.3f} | "
-                 f"{'—' if spectral is None else f'{spectral:.3f}'} | {share} | {r['compile_s']:.0f} |")
-  return "\n".join(lines)
+    return [r["arch"], "gap" if r["head"] == "gap" else f"gcp({r['head']})", r["size"], r["batch"],
+            f"{r['images_per_s']:.2f}", f"{r['step_s']:.3f}", "—" if spectral is None else f"{spectral:.3f}",
+            "—" if spectral is None else f"{100 * spectral / r['step_s']:.1f} %", f"{r['compile_s']:.0f}"]
+
+  print_table(["backbone", "head", "px", "batch", "images/s", "step (s)", "spectral fwd+bwd (s)", "spectral share",
+               "compile (s)"], [cells(r) for r in rows])
 
 
-def versus_table(r: dict) -> str:
-  return "\n".join([
-      "| ResNet-50 (layer4 stride 1) + 256-d SEB, train step | px | batch | images/s | step (s) |",
-      "| --- | --- | --- | --- | --- |",
-      f"| gcp_jax (float32, eigh, exact backward) | {r['size']} | {r['batch']} | {r['jax_images_per_s']:.2f} | "
-      f"{r['jax_step_s']:.3f} |",
-      f"| PyTorch reference recipe (float64 SVD, ordinary-K backward) | {r['size']} | {r['batch']} | "
-      f"{r['torch_images_per_s']:.2f} | {r['torch_step_s']:.3f} |",
-      f"| ratio (ours / torch) | | | {r['jax_images_per_s'] / r['torch_images_per_s']:.2f} | |"])
+def print_versus(r: dict) -> None:
+  print_table(["ResNet-50 (layer4 stride 1) + 256-d SEB, train step", "px", "batch", "images/s", "step (s)"], [
+      ["gcp_jax (float32, eigh, exact backward)", r["size"], r["batch"], f"{r['jax_images_per_s']:.2f}",
+       f"{r['jax_step_s']:.3f}"],
+      ["PyTorch reference recipe (float64 SVD, ordinary-K backward)", r["size"], r["batch"],
+       f"{r['torch_images_per_s']:.2f}", f"{r['torch_step_s']:.3f}"],
+      ["ratio ours / torch", "", "", f"{r['jax_images_per_s'] / r['torch_images_per_s']:.2f}", ""]])
 
 
 def main():
@@ -275,7 +268,7 @@ def main():
   parser.add_argument("--heads", default="gap,sqrt,seb")
   parser.add_argument("--size", type=int, default=448, help="Image side (pixels).")
   parser.add_argument("--batch", type=int, default=2, help="Global batch.")
-  parser.add_argument("--steps", type=int, default=3, help="Timed steps per row (median; after compile + 1 warmup).")
+  parser.add_argument("--steps", type=int, default=3, help="Timed steps per row (fastest; after compile + 1 warm-up).")
   parser.add_argument("--torch", default="auto", choices=("auto", "on", "off"),
                       help="ResNet-50 + SEB against the PyTorch reference recipe (a child process), steps alternating; "
                       "auto = when torch is importable.")
@@ -283,25 +276,18 @@ def main():
   args = parser.parse_args()
   if args.torch_worker:
     return torch_worker(args.size, args.batch)
-  print(f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), jax {jax.__version__}, "
-        f"{os.cpu_count()} CPUs", flush=True)
+  print(f"{machine_line()}, {os.cpu_count()} CPUs", flush=True)
   rows = []
   for arch in filter(None, args.archs.split(",")):
     for head in args.heads.split(","):
       rows.append(bench_jax(arch, head, args.size, args.batch, args.steps))
       print(rows[-1], flush=True)
   if rows:
-    print(table(rows))
-  if args.torch == "on" or (args.torch == "auto" and _torch_available()):
+    print_rows(rows)
+  if args.torch == "on" or (args.torch == "auto" and importlib.util.find_spec("torch") is not None):
     versus = bench_versus_torch(args.size, args.batch, args.steps)
     print(versus, flush=True)
-    print(versus_table(versus))
-
-
-def _torch_available() -> bool:
-  import importlib.util  # pylint: disable=g-import-not-at-top
-
-  return importlib.util.find_spec("torch") is not None
+    print_versus(versus)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,10 @@ from unittest import mock
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorflow_datasets")
-
-from gcp_jax.data import _tf, synthetic  # noqa: E402
-from gcp_jax.data.builders import FgvcAircraft, StanfordCars, SyntheticFgvc, synthetic_config  # noqa: E402
-from gcp_jax.data.builders.fgvc_aircraft import fgvc_aircraft  # noqa: E402
-from gcp_jax.data.errors import MissingDataError  # noqa: E402
+from gcp_jax.data import _tf, synthetic
+from gcp_jax.data.builders import FgvcAircraft, StanfordCars, SyntheticFgvc, synthetic_config
+from gcp_jax.data.builders.fgvc_aircraft import fgvc_aircraft
+from gcp_jax.data.errors import MissingDataError
 
 tfds = _tf.tfds()
 AIRCRAFT_DUMMY = FgvcAircraft.code_path.parent / "dummy_data"

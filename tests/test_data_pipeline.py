@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("tensorflow_datasets")
-
-from gcp_jax import data  # noqa: E402
-from gcp_jax.data import preprocess, sources  # noqa: E402
+from gcp_jax import data
+from gcp_jax.data import _tf, preprocess, sources
 
 LOW = min((0 - m) / s for m, s in zip(preprocess.MEAN, preprocess.STD))
 HIGH = max((1 - m) / s for m, s in zip(preprocess.MEAN, preprocess.STD))
@@ -139,7 +137,7 @@ def test_cache_changes_nothing_but_speed(cfg):
 
 
 def test_resize_modes():
-    tf = pytest.importorskip("tensorflow")
+    tf = _tf.tf()
     image = tf.zeros([30, 60, 3], tf.uint8)
     assert preprocess.resize(image, 20, "shorter").shape == (20, 40, 3)
     assert preprocess.resize(image, 20, "square").shape == (20, 20, 3)
