@@ -26,6 +26,7 @@ def get_config() -> config_dict.ConfigDict:
   c.checkpoint_every_steps = 1000  # Periodic checkpoint every N steps (also after each eval and at the end); 0 = off.
   c.keep_checkpoints = 2  # Latest checkpoints kept for resuming, besides the best-by-eval one.
   c.eval_only = False  # Evaluate the latest checkpoint in --workdir and exit (no training).
+  c.spectrum_every_steps = 500  # Covariance-spectrum summary of the train batch to TensorBoard every N steps (gcp head); 0 = off.
   c.max_nonfinite_steps = 20  # Steps with a non-finite loss/gradient are skipped; more than this stops the run.
 
   # --- model (gcp_jax.models.create_model) ----------------------------------------------
@@ -34,9 +35,9 @@ def get_config() -> config_dict.ConfigDict:
   c.model.head = "gcp"  # "gcp" (covariance head, see gcp.*) or "gap" (global average pooling baseline).
   c.model.pretrained = ""  # ImageNet weights file (Keras .h5, torchvision .pth/.safetensors); "" = random init.
   c.model.dtype = "float32"  # Backbone compute dtype: "float32" or "bfloat16" (the spectral head uses gcp.dtype).
-  c.model.dropout_rate = config_dict.placeholder(float)  # Dropout before the classifier; None = the arch's (B5: 0.4, ResNet: 0).
-  c.model.drop_connect_rate = config_dict.placeholder(float)  # EfficientNet stochastic depth; None = 0.2 (ResNets: None or 0).
-  c.model.last_stride = 1  # ResNet layer4 stride: 1 = 28x28 maps at 448 px (the GCP protocol), 2 = ImageNet's. EfficientNets keep theirs.
+  c.model.dropout_rate = config_dict.placeholder(float)  # Dropout before the classifier; None = the arch's (B5 0.4).
+  c.model.drop_connect_rate = config_dict.placeholder(float)  # EfficientNet stochastic depth; None = 0.2 (ResNet: 0).
+  c.model.last_stride = 1  # ResNet layer4 stride: 1 = 28x28 maps at 448 px (GCP protocol); EfficientNets keep theirs.
 
   # --- GCP head (gcp_jax.pooling.GCPHead) ---------------------------------------------
   c.gcp = config_dict.ConfigDict()
@@ -44,7 +45,7 @@ def get_config() -> config_dict.ConfigDict:
   c.gcp.norm = "seb"  # Matrix normalisation: "sqrt", "seb" (Scaling Eigen Branch), "isqrt" (Newton-Schulz), "none".
   c.gcp.grad = "exact"  # Eigen backward: exact, ordinary, pade, taylor, trunc, newton (METHOD.md §3).
   c.gcp.seb_variant = "code"  # SEB form: "code" (released code), "a", "b" (METHOD.md §2c).
-  c.gcp.eps = config_dict.placeholder(float)  # Eigenvalue clamp; None = relative (eps32 * lambda_max, or eps64 in float64).
+  c.gcp.eps = config_dict.placeholder(float)  # Eigenvalue clamp; None = eps32 * lambda_max (float64: eps64).
   c.gcp.isqrt_iters = 5  # Newton-Schulz iterations of norm="isqrt".
   c.gcp.newton_iters = 10  # Iterations of the grad="newton" backward.
   c.gcp.taylor_degree = 100  # Series degree of grad="taylor".

@@ -19,7 +19,7 @@ def get_config():
   c.model.arch, c.model.last_stride = "resnet_tiny", 2
   c.gcp.dim = 32
   c.batch_size, c.eval_batch_size, c.num_epochs = 32, 128, 6
-  c.log_every_steps, c.checkpoint_every_steps = 20, 0
+  c.log_every_steps, c.checkpoint_every_steps, c.spectrum_every_steps = 20, 0, 100
   c.optim.learning_rate = 0.05
   c.optim.classifier_lr_factor = 1.0
   c.optim.weight_decay = 1e-4

@@ -56,7 +56,8 @@ def validate_config(config: ConfigDict, *, num_devices: int | None = None) -> No
   num_devices = jax.device_count() if num_devices is None else num_devices
   for name in ("batch_size", "log_every_steps", "keep_checkpoints"):
     _check(config[name] >= 1, f"config.{name} must be at least 1, got {config[name]}.")
-  for name in ("eval_batch_size", "eval_every_epochs", "checkpoint_every_steps", "max_nonfinite_steps"):
+  for name in ("eval_batch_size", "eval_every_epochs", "checkpoint_every_steps", "max_nonfinite_steps",
+               "spectrum_every_steps"):
     _check(config[name] >= 0, f"config.{name} must be 0 or more, got {config[name]}.")
   _check(config.num_train_steps == -1 or config.num_train_steps >= 1,
          f"config.num_train_steps must be -1 (train num_epochs) or at least 1, got {config.num_train_steps}.")
@@ -391,6 +392,17 @@ class Run:
     self.tx = make_optimizer(config.optim, self.schedule)
     self.train_step = make_train_step(self.model, self.tx, self.schedule, self.mesh, config.seed)
     self.eval_step = make_eval_step(self.model, self.num_classes, self.mesh)
+    self._eigenvalues = None  # jitted on first use by spectrum_summary
+
+  def spectrum_summary(self, state: TrainState, batch: Mapping[str, jax.Array]) -> dict[str, float]:
+    """Mean covariance-spectrum statistics of a (global) batch, eval mode (gcp_jax.analysis.spectra)."""
+    from gcp_jax.analysis import spectra  # pylint: disable=g-import-not-at-top
+
+    if self._eigenvalues is None:
+      self._eigenvalues = jax.jit(lambda v, x: spectra.eigenvalues(self.model, v, x),
+                                  out_shardings=sharding.replicated(self.mesh))
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return spectra.mean_summary(np.asarray(self._eigenvalues(variables, batch["image"])))
 
   def initial_state(self) -> TrainState:
     """Step-0 state: random init, then the pretrained backbone when config.model.pretrained is set."""
@@ -458,7 +470,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, mesh=None) -> dict[s
   try:
     with _Preemption() as preemption:
       for step in range(start + 1, run.total_steps + 1):
-        state, step_metrics = run.train_step(state, sharding.global_batch(next(batches), run.mesh))
+        batch = sharding.global_batch(next(batches), run.mesh)
+        state, step_metrics = run.train_step(state, batch)
+        if config.spectrum_every_steps and config.model.head == "gcp" and step % config.spectrum_every_steps == 0:
+          writer.write(step, "spectrum", run.spectrum_summary(state, batch))
         pending.append(step_metrics)
         preempted = preemption.requested(step)
         if step % config.log_every_steps == 0 or step == run.total_steps or preempted:

@@ -46,7 +46,7 @@ def batches(n, size=8, classes=5, seed=0):
 
 def test_optimizer_matches_pytorch_recipe():
   """clip_grad_norm_ -> SGD(momentum, weight_decay, two param groups) -> MultiStepLR, step for step."""
-  torch = pytest.importorskip("torch")
+  import torch  # pylint: disable=g-import-not-at-top  (only this test needs it)
   cfg = optim_config(learning_rate=0.1, classifier_lr_factor=5.0, weight_decay=0.01, grad_clip_norm=1.0,
                      decay_epochs=(1,), decay_factor=0.1)
   steps_per_epoch = 2
