@@ -37,7 +37,7 @@ def get_config() -> config_dict.ConfigDict:
   c.model.dtype = "float32"  # Backbone compute dtype: "float32" or "bfloat16" (the spectral head uses gcp.dtype).
   c.model.dropout_rate = config_dict.placeholder(float)  # Dropout before the classifier; None = the arch's (B5 0.4).
   c.model.drop_connect_rate = config_dict.placeholder(float)  # EfficientNet stochastic depth; None = 0.2 (ResNet: 0).
-  c.model.last_stride = 1  # ResNet layer4 stride: 1 = 28x28 maps at 448 px (GCP protocol); EfficientNets keep theirs.
+  c.model.last_stride = 2  # ResNet layer4 stride: 1 = 28x28 maps at 448 px (GCP protocol), 2 = ImageNet's. EfficientNets: 2 only.
 
   # --- GCP head (gcp_jax.pooling.GCPHead) ---------------------------------------------
   c.gcp = config_dict.ConfigDict()
@@ -82,5 +82,5 @@ def with_backbone(config: config_dict.ConfigDict, arch: str) -> config_dict.Conf
   full rank (the GCP protocol, METHOD.md §6). EfficientNets keep their strides (14x14 at 448 px).
   """
   config.model.arch = arch
-  config.model.last_stride = 1
+  config.model.last_stride = 1 if arch.startswith("resnet") else 2
   return config

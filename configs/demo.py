@@ -16,7 +16,7 @@ def get_config():
   c.data.resize_mode, c.data.resize_size, c.data.image_size = "square", 64, 64
   c.data.random_crop = False
   c.data.train_split, c.data.eval_split = "train", "test"
-  c.model.arch, c.model.last_stride = "resnet_tiny", 2
+  c.model.arch, c.model.last_stride = "resnet_tiny", 1  # 8x8 maps: 64 positions, a full-rank 32-d covariance
   c.gcp.dim = 32
   c.batch_size, c.eval_batch_size, c.num_epochs = 32, 128, 6
   c.log_every_steps, c.checkpoint_every_steps, c.spectrum_every_steps = 20, 0, 100

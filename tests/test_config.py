@@ -25,7 +25,7 @@ def test_configs_are_valid(name, variant):
   config = load(name, variant) if variant else load(name)
   training.validate_config(config, num_devices=1)
   if variant:
-    assert config.model.arch == variant and config.model.last_stride == 1
+    assert config.model.arch == variant and config.model.last_stride == (1 if variant == "resnet50" else 2)
     assert config.model.head == "gcp" and config.gcp.norm == "seb" and config.gcp.dim == 256
 
 

@@ -163,6 +163,7 @@ def test_every_arch_is_registered():
     (dict(head="max"), "Unknown head 'max'"),
     (dict(dtype="float16"), "Backbone dtype 'float16'"),
     (dict(last_stride=4), "last_stride must be 1 or 2"),
+    (dict(last_stride=1), "last_stride=1 applies to ResNets only"),
     (dict(arch="resnet50", drop_connect_rate=0.2), "drop_connect_rate applies to EfficientNets only"),
     (dict(gcp={"norm": "svd"}), "gcp.norm='svd'"),
 ])

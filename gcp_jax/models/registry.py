@@ -52,6 +52,8 @@ def create_model(
         raise ValueError(f"last_stride must be 1 or 2, got {last_stride!r}.")
     dtype = _backbone_dtype(dtype)
     if arch in EFFICIENTNET_PARAMS:
+        if last_stride != 2:
+            raise ValueError(f"last_stride=1 applies to ResNets only; {arch} keeps the reference strides (use 2).")
         width, depth, _, default_dropout = EFFICIENTNET_PARAMS[arch]
         backbone = EfficientNet(width, depth, drop_connect_rate=0.2 if drop_connect_rate is None else drop_connect_rate,
                                 dtype=dtype)
