@@ -1,20 +1,20 @@
 """Stanford Cars (196 models, 8,144 train / 8,041 test), METHOD.md §6 protocol.
 
-  python train.py --config configs/cars.py --workdir runs/cars             # EfficientNet-B5 + SEB
-  python train.py --config configs/cars.py:resnet50 --workdir runs/cars_r50  # ResNet-50 (stride-1 layer4) + SEB
+python train.py --config configs/cars.py --workdir runs/cars             # EfficientNet-B5 + SEB
+python train.py --config configs/cars.py:resnet50 --workdir runs/cars_r50  # ResNet-50 (stride-1 layer4) + SEB
 """
 
 from configs import default
 
 
 def get_config(variant: str = default.HEADLINE_ARCH):
-  c = default.get_config()
-  c.data.name = "stanford_cars"
-  c.data.train_split, c.data.eval_split = "train", "test"
-  c.data.resize_mode, c.data.resize_size, c.data.image_size = "square", 448, 448  # (448, 448), no crop
-  c.data.random_crop = False  # horizontal flip only
-  c.batch_size, c.num_epochs = 10, 200
-  c.optim.decay_epochs = (50, 100)
-  c.optim.weight_decay = 1e-4
-  c.optim.classifier_lr_factor = 10.0
-  return default.with_backbone(c, variant)
+    c = default.get_config()
+    c.data.name = "stanford_cars"
+    c.data.train_split, c.data.eval_split = "train", "test"
+    c.data.resize_mode, c.data.resize_size, c.data.image_size = "square", 448, 448  # (448, 448), no crop
+    c.data.random_crop = False  # horizontal flip only
+    c.batch_size, c.num_epochs = 10, 200
+    c.optim.decay_epochs = (50, 100)
+    c.optim.weight_decay = 1e-4
+    c.optim.classifier_lr_factor = 10.0
+    return default.with_backbone(c, variant)

@@ -10,20 +10,20 @@ from configs import default
 
 
 def get_config():
-  c = default.get_config()
-  c.data.name = "synthetic_fgvc"
-  c.data.synthetic.update(num_classes=10, train_per_class=300, test_per_class=50, image_size=64)
-  c.data.resize_mode, c.data.resize_size, c.data.image_size = "square", 64, 64
-  c.data.random_crop = False
-  c.data.train_split, c.data.eval_split = "train", "test"
-  c.model.arch, c.model.last_stride = "resnet_tiny", 1  # 8x8 maps: 64 positions, a full-rank 32-d covariance
-  c.gcp.dim = 32
-  c.batch_size, c.eval_batch_size, c.num_epochs = 32, 128, 6
-  c.log_every_steps, c.checkpoint_every_steps, c.spectrum_every_steps = 20, 0, 100
-  c.optim.learning_rate = 0.05
-  c.optim.classifier_lr_factor = 1.0
-  c.optim.weight_decay = 1e-4
-  c.optim.schedule = "cosine"
-  c.optim.decay_epochs = ()
-  c.optim.warmup_epochs = 0.5
-  return c
+    c = default.get_config()
+    c.data.name = "synthetic_fgvc"
+    c.data.synthetic.update(num_classes=10, train_per_class=300, test_per_class=50, image_size=64)
+    c.data.resize_mode, c.data.resize_size, c.data.image_size = "square", 64, 64
+    c.data.random_crop = False
+    c.data.train_split, c.data.eval_split = "train", "test"
+    c.model.arch, c.model.last_stride = "resnet_tiny", 1  # 8x8 maps: 64 positions, a full-rank 32-d covariance
+    c.gcp.dim = 32
+    c.batch_size, c.eval_batch_size, c.num_epochs = 32, 128, 6
+    c.log_every_steps, c.checkpoint_every_steps, c.spectrum_every_steps = 20, 0, 100
+    c.optim.learning_rate = 0.05
+    c.optim.classifier_lr_factor = 1.0
+    c.optim.weight_decay = 1e-4
+    c.optim.schedule = "cosine"
+    c.optim.decay_epochs = ()
+    c.optim.warmup_epochs = 0.5
+    return c

@@ -12,7 +12,7 @@ from configs import cub, default
 
 
 def get_config(variant: str = default.HEADLINE_ARCH):
-  c = cub.get_config(variant)
-  c.data.name = "stanford_dogs"
-  c.data.train_split, c.data.eval_split = "train", "test"
-  return c
+    c = cub.get_config(variant)
+    c.data.name = "stanford_dogs"
+    c.data.train_split, c.data.eval_split = "train", "test"
+    return c

@@ -14,17 +14,17 @@ from configs import default
 
 
 def get_config(variant: str = default.HEADLINE_ARCH):
-  c = default.get_config()
-  c.data.name = "i_naturalist2017"
-  c.data.train_split, c.data.eval_split = "train", "validation"
-  c.data.resize_mode, c.data.resize_size, c.data.image_size = "shorter", 512, 448
-  c.data.random_crop = True
-  c.batch_size, c.eval_batch_size, c.num_epochs = 64, 128, 30
-  c.eval_every_epochs = 2
-  c.checkpoint_every_steps = 2000
-  c.optim.learning_rate = 0.024
-  c.optim.warmup_epochs = 1.0
-  c.optim.decay_epochs = (10, 20)
-  c.optim.weight_decay = 1e-4
-  c.optim.classifier_lr_factor = 5.0
-  return default.with_backbone(c, variant)
+    c = default.get_config()
+    c.data.name = "i_naturalist2017"
+    c.data.train_split, c.data.eval_split = "train", "validation"
+    c.data.resize_mode, c.data.resize_size, c.data.image_size = "shorter", 512, 448
+    c.data.random_crop = True
+    c.batch_size, c.eval_batch_size, c.num_epochs = 64, 128, 30
+    c.eval_every_epochs = 2
+    c.checkpoint_every_steps = 2000
+    c.optim.learning_rate = 0.024
+    c.optim.warmup_epochs = 1.0
+    c.optim.decay_epochs = (10, 20)
+    c.optim.weight_decay = 1e-4
+    c.optim.classifier_lr_factor = 5.0
+    return default.with_backbone(c, variant)

@@ -16,80 +16,103 @@ PROTOCOLS = ("aircraft", "cub", "cars", "dogs", "inat2017")
 
 
 def load(name, *args):
-  return importlib.import_module(f"configs.{name}").get_config(*args)
+    return importlib.import_module(f"configs.{name}").get_config(*args)
 
 
-@pytest.mark.parametrize("name,variant", [(p, v) for p in PROTOCOLS for v in ("efficientnet_b5", "resnet50")]
-                         + [("default", None), ("demo", None)])
+@pytest.mark.parametrize(
+    "name,variant",
+    [(p, v) for p in PROTOCOLS for v in ("efficientnet_b5", "resnet50")] + [("default", None), ("demo", None)],
+)
 def test_configs_are_valid(name, variant):
-  config = load(name, variant) if variant else load(name)
-  training.validate_config(config, num_devices=1)
-  if variant:
-    assert config.model.arch == variant and config.model.last_stride == (1 if variant == "resnet50" else 2)
-    assert config.model.head == "gcp" and config.gcp.norm == "seb" and config.gcp.dim == 256
+    config = load(name, variant) if variant else load(name)
+    training.validate_config(config, num_devices=1)
+    if variant:
+        assert config.model.arch == variant and config.model.last_stride == (1 if variant == "resnet50" else 2)
+        assert config.model.head == "gcp" and config.gcp.norm == "seb" and config.gcp.dim == 256
 
 
 def test_protocol_values():
-  """METHOD.md §6 table."""
-  air, cub, cars = load("aircraft"), load("cub"), load("cars")
-  assert (air.batch_size, air.num_epochs, tuple(air.optim.decay_epochs), air.optim.weight_decay,
-          air.optim.classifier_lr_factor) == (8, 50, (21, 40), 1e-3, 5.0)
-  assert (cub.batch_size, cub.num_epochs, tuple(cub.optim.decay_epochs), cub.optim.weight_decay,
-          cub.optim.classifier_lr_factor) == (10, 200, (50, 100), 1e-4, 20.0)
-  assert cars.optim.classifier_lr_factor == 10.0
-  for c in (air, cub, cars):
-    assert (c.optim.learning_rate, c.optim.momentum, c.optim.grad_clip_norm) == (3e-3, 0.9, 5.0)
-    assert c.data.image_size == 448 and not c.data.random_crop
-  assert (air.data.resize_mode, air.data.resize_size) == ("square", 512)
-  assert (cub.data.resize_mode, cub.data.resize_size) == ("shorter", 448)
+    """METHOD.md §6 table."""
+    air, cub, cars = load("aircraft"), load("cub"), load("cars")
+    assert (
+        air.batch_size,
+        air.num_epochs,
+        tuple(air.optim.decay_epochs),
+        air.optim.weight_decay,
+        air.optim.classifier_lr_factor,
+    ) == (8, 50, (21, 40), 1e-3, 5.0)
+    assert (
+        cub.batch_size,
+        cub.num_epochs,
+        tuple(cub.optim.decay_epochs),
+        cub.optim.weight_decay,
+        cub.optim.classifier_lr_factor,
+    ) == (10, 200, (50, 100), 1e-4, 20.0)
+    assert cars.optim.classifier_lr_factor == 10.0
+    for c in (air, cub, cars):
+        assert (c.optim.learning_rate, c.optim.momentum, c.optim.grad_clip_norm) == (3e-3, 0.9, 5.0)
+        assert c.data.image_size == 448 and not c.data.random_crop
+    assert (air.data.resize_mode, air.data.resize_size) == ("square", 512)
+    assert (cub.data.resize_mode, cub.data.resize_size) == ("shorter", 448)
 
 
 def test_default_documents_every_field():
-  """Each non-data field is assigned once in configs/default.py with a comment."""
-  source = open(os.path.join(ROOT, "configs", "default.py"), encoding="utf-8").read()
-  config = default.get_config()
-  fields = [f"{group}.{k}" for group in ("model", "gcp", "optim") for k in config[group]]
-  fields += [k for k, v in config.items() if not hasattr(v, "keys")]
-  for field in fields:
-    assert len(re.findall(rf"^  c\.{re.escape(field)} = .+  # \S", source, re.M)) == 1, field
+    """Each non-data field is assigned once in configs/default.py with a comment."""
+    source = open(os.path.join(ROOT, "configs", "default.py"), encoding="utf-8").read()
+    config = default.get_config()
+    fields = [f"{group}.{k}" for group in ("model", "gcp", "optim") for k in config[group]]
+    fields += [k for k, v in config.items() if not hasattr(v, "keys")]
+    for field in fields:
+        assert len(re.findall(rf"^  c\.{re.escape(field)} = .+  # \S", source, re.M)) == 1, field
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("batch_size", 12, "not divisible by the 8 devices"),
-    ("batch_size", 0, "batch_size must be at least 1"),
-    ("num_train_steps", 0, "num_train_steps must be -1"),
-    ("model.arch", "resnet_huge", "resnet_huge"),
-    ("model.head", "max", "max"),
-    ("model.dtype", "float16", "float16"),
-    ("model.pretrained", "/nonexistent/weights.h5", "does not exist"),
-    ("gcp.norm", "cholesky", "gcp.norm"),
-    ("gcp.grad", "magic", "gcp.grad"),
-    ("gcp.dtype", "float16", "gcp.dtype"),
-    ("optim.schedule", "linear", "optim.schedule"),
-    ("optim.momentum", 1.5, "optim.momentum"),
-    ("optim.decay_epochs", (40, 21), "decay_epochs"),
-    ("data.on_corrupt", "ignore", "on_corrupt"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("batch_size", 12, "not divisible by the 8 devices"),
+        ("batch_size", 0, "batch_size must be at least 1"),
+        ("num_train_steps", 0, "num_train_steps must be -1"),
+        ("model.arch", "resnet_huge", "resnet_huge"),
+        ("model.head", "max", "max"),
+        ("model.dtype", "float16", "float16"),
+        ("model.pretrained", "/nonexistent/weights.h5", "does not exist"),
+        ("gcp.norm", "cholesky", "gcp.norm"),
+        ("gcp.grad", "magic", "gcp.grad"),
+        ("gcp.dtype", "float16", "gcp.dtype"),
+        ("optim.schedule", "linear", "optim.schedule"),
+        ("optim.momentum", 1.5, "optim.momentum"),
+        ("optim.decay_epochs", (40, 21), "decay_epochs"),
+        ("data.on_corrupt", "ignore", "on_corrupt"),
+    ],
+)
 def test_impossible_values_rejected(field, value, message):
-  config = load("demo")
-  *groups, name = field.split(".")
-  target = config
-  for group in groups:
-    target = target[group]
-  target[name] = value
-  with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
-    training.validate_config(config, num_devices=8)
+    config = load("demo")
+    *groups, name = field.split(".")
+    target = config
+    for group in groups:
+        target = target[group]
+    target[name] = value
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
+        training.validate_config(config, num_devices=8)
 
 
 def run_cli(*flags):
-  return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags], capture_output=True, text=True,
-                        cwd=ROOT, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), *flags],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
 
 
 def test_cli_rejects_corrupt_config(tmp_path):
-  unknown = run_cli("--config", "configs/demo.py", "--config.no_such_field=1", f"--workdir={tmp_path}")
-  assert unknown.returncode != 0 and "no_such_field" in unknown.stderr and "Traceback" not in unknown.stderr
-  bad = run_cli("--config", "configs/demo.py", "--config.gcp.norm=cholesky", f"--workdir={tmp_path}")
-  assert bad.returncode == 1 and "Traceback" not in bad.stderr
-  assert bad.stderr.strip().splitlines()[-1].startswith("error: config.gcp.norm='cholesky'") or \
-      "cholesky" in bad.stderr.strip().splitlines()[-1]
+    unknown = run_cli("--config", "configs/demo.py", "--config.no_such_field=1", f"--workdir={tmp_path}")
+    assert unknown.returncode != 0 and "no_such_field" in unknown.stderr and "Traceback" not in unknown.stderr
+    bad = run_cli("--config", "configs/demo.py", "--config.gcp.norm=cholesky", f"--workdir={tmp_path}")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert (
+        bad.stderr.strip().splitlines()[-1].startswith("error: config.gcp.norm='cholesky'")
+        or "cholesky" in bad.stderr.strip().splitlines()[-1]
+    )

@@ -11,133 +11,151 @@ from gcp_jax import sharding, training
 
 
 class Tiny(nn.Module):
-  """conv + BN + mean pool + "classifier": the variable layout of the real classifiers."""
+    """conv + BN + mean pool + "classifier": the variable layout of the real classifiers."""
 
-  num_classes: int = 5
+    num_classes: int = 5
 
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    x = nn.Conv(4, (3, 3), strides=2, name="conv")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(x)
-    x = nn.Dropout(0.1, deterministic=not train)(jnp.mean(nn.relu(x), axis=(1, 2)))
-    return nn.Dense(self.num_classes, name="classifier")(x)
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(4, (3, 3), strides=2, name="conv")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(x)
+        x = nn.Dropout(0.1, deterministic=not train)(jnp.mean(nn.relu(x), axis=(1, 2)))
+        return nn.Dense(self.num_classes, name="classifier")(x)
 
 
 def optim_config(**overrides):
-  cfg = default.get_config().optim
-  cfg.update(overrides)
-  return cfg
+    cfg = default.get_config().optim
+    cfg.update(overrides)
+    return cfg
 
 
 def tiny_setup(mesh, optim_cfg=None, steps_per_epoch=4, total_steps=12, num_classes=5):
-  optim_cfg = optim_cfg or optim_config(learning_rate=0.05, decay_epochs=(1, 2))
-  model = Tiny(num_classes)
-  schedule = training.learning_rate_schedule(optim_cfg, steps_per_epoch, total_steps)
-  tx = training.make_optimizer(optim_cfg, schedule)
-  state = training.create_train_state(training.init_variables(model, 16, 0, mesh), tx, mesh)
-  return model, tx, schedule, state
+    optim_cfg = optim_cfg or optim_config(learning_rate=0.05, decay_epochs=(1, 2))
+    model = Tiny(num_classes)
+    schedule = training.learning_rate_schedule(optim_cfg, steps_per_epoch, total_steps)
+    tx = training.make_optimizer(optim_cfg, schedule)
+    state = training.create_train_state(training.init_variables(model, 16, 0, mesh), tx, mesh)
+    return model, tx, schedule, state
 
 
 def batches(n, size=8, classes=5, seed=0):
-  rng = np.random.default_rng(seed)
-  return [{"image": rng.normal(size=(size, 16, 16, 3)).astype(np.float32),
-           "label": rng.integers(0, classes, size).astype(np.int32)} for _ in range(n)]
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "image": rng.normal(size=(size, 16, 16, 3)).astype(np.float32),
+            "label": rng.integers(0, classes, size).astype(np.int32),
+        }
+        for _ in range(n)
+    ]
 
 
 def test_optimizer_matches_pytorch_recipe():
-  """clip_grad_norm_ -> SGD(momentum, weight_decay, two param groups) -> MultiStepLR, step for step."""
-  import torch  # pylint: disable=g-import-not-at-top  (only this test needs it)
-  cfg = optim_config(learning_rate=0.1, classifier_lr_factor=5.0, weight_decay=0.01, grad_clip_norm=1.0,
-                     decay_epochs=(1,), decay_factor=0.1)
-  steps_per_epoch = 2
-  schedule = training.learning_rate_schedule(cfg, steps_per_epoch, 4)
-  tx = training.make_optimizer(cfg, schedule)
-  rng = np.random.default_rng(0)
-  params = {"backbone": {"w": rng.normal(size=(3, 2))}, "classifier": {"kernel": rng.normal(size=(2, 4))}}
-  grads = [{k: {n: 3 * rng.normal(size=v.shape) for n, v in group.items()} for k, group in params.items()}
-           for _ in range(4)]
+    """clip_grad_norm_ -> SGD(momentum, weight_decay, two param groups) -> MultiStepLR, step for step."""
+    import torch  # pylint: disable=g-import-not-at-top  (only this test needs it)
 
-  tb, tc = (torch.tensor(params[k][n], requires_grad=True) for k, n in (("backbone", "w"), ("classifier", "kernel")))
-  opt = torch.optim.SGD([{"params": [tb]}, {"params": [tc], "lr": 0.5}], lr=0.1, momentum=0.9, weight_decay=0.01)
-  sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1], gamma=0.1)
-  p = jax.tree.map(jnp.asarray, params)
-  state = tx.init(p)
-  for step, g in enumerate(grads):
-    tb.grad, tc.grad = torch.tensor(g["backbone"]["w"]), torch.tensor(g["classifier"]["kernel"])
-    torch.nn.utils.clip_grad_norm_([tb, tc], 1.0)
-    opt.step()
-    if (step + 1) % steps_per_epoch == 0:
-      sched.step()
-    updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, p, step=step)
-    p = jax.tree.map(lambda a, u: a + u, p, updates)
-  np.testing.assert_allclose(p["backbone"]["w"], tb.detach().numpy(), rtol=1e-5)
-  np.testing.assert_allclose(p["classifier"]["kernel"], tc.detach().numpy(), rtol=1e-5)
+    cfg = optim_config(
+        learning_rate=0.1,
+        classifier_lr_factor=5.0,
+        weight_decay=0.01,
+        grad_clip_norm=1.0,
+        decay_epochs=(1,),
+        decay_factor=0.1,
+    )
+    steps_per_epoch = 2
+    schedule = training.learning_rate_schedule(cfg, steps_per_epoch, 4)
+    tx = training.make_optimizer(cfg, schedule)
+    rng = np.random.default_rng(0)
+    params = {"backbone": {"w": rng.normal(size=(3, 2))}, "classifier": {"kernel": rng.normal(size=(2, 4))}}
+    grads = [
+        {k: {n: 3 * rng.normal(size=v.shape) for n, v in group.items()} for k, group in params.items()}
+        for _ in range(4)
+    ]
+
+    tb, tc = (torch.tensor(params[k][n], requires_grad=True) for k, n in (("backbone", "w"), ("classifier", "kernel")))
+    opt = torch.optim.SGD([{"params": [tb]}, {"params": [tc], "lr": 0.5}], lr=0.1, momentum=0.9, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1], gamma=0.1)
+    p = jax.tree.map(jnp.asarray, params)
+    state = tx.init(p)
+    for step, g in enumerate(grads):
+        tb.grad, tc.grad = torch.tensor(g["backbone"]["w"]), torch.tensor(g["classifier"]["kernel"])
+        torch.nn.utils.clip_grad_norm_([tb, tc], 1.0)
+        opt.step()
+        if (step + 1) % steps_per_epoch == 0:
+            sched.step()
+        updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, p, step=step)
+        p = jax.tree.map(lambda a, u: a + u, p, updates)
+    np.testing.assert_allclose(p["backbone"]["w"], tb.detach().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(p["classifier"]["kernel"], tc.detach().numpy(), rtol=1e-5)
 
 
 def test_schedules():
-  step = training.learning_rate_schedule(optim_config(learning_rate=1.0, decay_epochs=(2, 3)), 10, 50)
-  assert [float(step(s)) for s in (0, 19, 20, 29, 30)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
-  warm = training.learning_rate_schedule(optim_config(learning_rate=1.0, decay_epochs=(), warmup_epochs=1), 10, 50)
-  assert [float(warm(s)) for s in (0, 4, 9, 30)] == pytest.approx([0.1, 0.5, 1, 1])
-  cos = training.learning_rate_schedule(optim_config(learning_rate=1.0, schedule="cosine"), 10, 50)
-  assert [float(cos(s)) for s in (0, 25, 50)] == pytest.approx([1, 0.5, 0], abs=1e-6)
+    step = training.learning_rate_schedule(optim_config(learning_rate=1.0, decay_epochs=(2, 3)), 10, 50)
+    assert [float(step(s)) for s in (0, 19, 20, 29, 30)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
+    warm = training.learning_rate_schedule(optim_config(learning_rate=1.0, decay_epochs=(), warmup_epochs=1), 10, 50)
+    assert [float(warm(s)) for s in (0, 4, 9, 30)] == pytest.approx([0.1, 0.5, 1, 1])
+    cos = training.learning_rate_schedule(optim_config(learning_rate=1.0, schedule="cosine"), 10, 50)
+    assert [float(cos(s)) for s in (0, 25, 50)] == pytest.approx([1, 0.5, 0], abs=1e-6)
 
 
 def test_nonfinite_step_never_updates():
-  mesh = sharding.make_mesh()
-  model, tx, schedule, state = tiny_setup(mesh)
-  step = training.make_train_step(model, tx, schedule, mesh)
-  before = jax.device_get((state.params, state.batch_stats))
-  bad = batches(1)[0]
-  bad["image"][3, 0, 0, 0] = np.nan
-  state, metrics = step(state, sharding.global_batch(bad, mesh))
-  assert not np.isfinite(float(metrics["loss"]))
-  assert int(state.step) == 1 and int(state.nonfinite) == 1
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get((state.params, state.batch_stats)), before)
-  state, metrics = step(state, sharding.global_batch(batches(1)[0], mesh))
-  assert np.isfinite(float(metrics["loss"])) and int(state.nonfinite) == 1
-  assert not np.array_equal(jax.device_get(state.params["conv"]["kernel"]), before[0]["conv"]["kernel"])
+    mesh = sharding.make_mesh()
+    model, tx, schedule, state = tiny_setup(mesh)
+    step = training.make_train_step(model, tx, schedule, mesh)
+    before = jax.device_get((state.params, state.batch_stats))
+    bad = batches(1)[0]
+    bad["image"][3, 0, 0, 0] = np.nan
+    state, metrics = step(state, sharding.global_batch(bad, mesh))
+    assert not np.isfinite(float(metrics["loss"]))
+    assert int(state.step) == 1 and int(state.nonfinite) == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get((state.params, state.batch_stats)), before)
+    state, metrics = step(state, sharding.global_batch(batches(1)[0], mesh))
+    assert np.isfinite(float(metrics["loss"])) and int(state.nonfinite) == 1
+    assert not np.array_equal(jax.device_get(state.params["conv"]["kernel"]), before[0]["conv"]["kernel"])
 
 
 def _train(mesh, data):
-  model, tx, schedule, state = tiny_setup(mesh)
-  step = training.make_train_step(model, tx, schedule, mesh)
-  losses = []
-  for batch in data:
-    state, metrics = step(state, sharding.global_batch(batch, mesh))
-    losses.append(float(metrics["loss"]))
-  return losses, jax.device_get((state.params, state.batch_stats, state.opt_state))
+    model, tx, schedule, state = tiny_setup(mesh)
+    step = training.make_train_step(model, tx, schedule, mesh)
+    losses = []
+    for batch in data:
+        state, metrics = step(state, sharding.global_batch(batch, mesh))
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get((state.params, state.batch_stats, state.opt_state))
 
 
 def test_eight_devices_equal_one_device():
-  """Same global batches: same losses and parameters (BatchNorm over the global batch, same dropout)."""
-  assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
-  data = batches(6, size=16)
-  losses1, state1 = _train(sharding.make_mesh(jax.devices()[:1]), data)
-  losses8, state8 = _train(sharding.make_mesh(), data)
-  np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state8, state1)
+    """Same global batches: same losses and parameters (BatchNorm over the global batch, same dropout)."""
+    assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
+    data = batches(6, size=16)
+    losses1, state1 = _train(sharding.make_mesh(jax.devices()[:1]), data)
+    losses8, state8 = _train(sharding.make_mesh(), data)
+    np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state8, state1)
 
 
 def test_eval_counts_every_example_once():
-  """Padded last batch on 8 devices: totals equal a direct count over the unpadded split."""
-  mesh = sharding.make_mesh()
-  model, _, _, state = tiny_setup(mesh, num_classes=5)
-  rng = np.random.default_rng(1)
-  n, b = 37, 16
-  images = rng.normal(size=(n, 16, 16, 3)).astype(np.float32)
-  labels = rng.integers(0, 5, n).astype(np.int32)
-  split = []
-  for i in range(0, n, b):
-    pad = b - len(labels[i:i + b])
-    split.append({"image": np.pad(images[i:i + b], ((0, pad), (0, 0), (0, 0), (0, 0))),
-                  "label": np.pad(labels[i:i + b], (0, pad)),
-                  "mask": np.arange(b) < b - pad})
-  result = training.evaluate(training.make_eval_step(model, 5, mesh), state, split, 5, mesh)
-  logits = np.asarray(model.apply({"params": state.params, "batch_stats": state.batch_stats}, images))
-  correct = logits.argmax(-1) == labels
-  per_class = [correct[labels == c].mean() for c in range(5) if (labels == c).any()]
-  assert result["count"] == n
-  assert result["top1"] == pytest.approx(correct.mean())
-  assert result["top5"] == 1.0  # 5 classes
-  assert result["mean_class_acc"] == pytest.approx(np.mean(per_class))
+    """Padded last batch on 8 devices: totals equal a direct count over the unpadded split."""
+    mesh = sharding.make_mesh()
+    model, _, _, state = tiny_setup(mesh, num_classes=5)
+    rng = np.random.default_rng(1)
+    n, b = 37, 16
+    images = rng.normal(size=(n, 16, 16, 3)).astype(np.float32)
+    labels = rng.integers(0, 5, n).astype(np.int32)
+    split = []
+    for i in range(0, n, b):
+        pad = b - len(labels[i : i + b])
+        split.append(
+            {
+                "image": np.pad(images[i : i + b], ((0, pad), (0, 0), (0, 0), (0, 0))),
+                "label": np.pad(labels[i : i + b], (0, pad)),
+                "mask": np.arange(b) < b - pad,
+            }
+        )
+    result = training.evaluate(training.make_eval_step(model, 5, mesh), state, split, 5, mesh)
+    logits = np.asarray(model.apply({"params": state.params, "batch_stats": state.batch_stats}, images))
+    correct = logits.argmax(-1) == labels
+    per_class = [correct[labels == c].mean() for c in range(5) if (labels == c).any()]
+    assert result["count"] == n
+    assert result["top1"] == pytest.approx(correct.mean())
+    assert result["top5"] == 1.0  # 5 classes
+    assert result["mean_class_acc"] == pytest.approx(np.mean(per_class))

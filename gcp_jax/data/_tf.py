@@ -23,6 +23,6 @@ def tfds():
     tf()
     import tensorflow_datasets  # pylint: disable=g-import-not-at-top
 
-    from gcp_jax.data import builders  # pylint: disable=g-import-not-at-top,unused-import
+    from gcp_jax.data import builders  # noqa: F401  (registers the own builders with TFDS)
 
     return tensorflow_datasets

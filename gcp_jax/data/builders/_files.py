@@ -89,3 +89,20 @@ def bbox(xmin: float, ymin: float, xmax: float, ymax: float, *, height: int, wid
     top, left = clip((ymin - 1) / height), clip((xmin - 1) / width)
     return tfds.features.BBox(ymin=top, xmin=left, ymax=max(top, clip(ymax / height)),
                               xmax=max(left, clip(xmax / width)))
+
+
+def fgvc_info(builder, *, description: str, homepage: str, citation: str) -> tfds.core.DatasetInfo:
+    """The DatasetInfo of the own FGVC builders: image, label, file name and bounding box."""
+    return tfds.core.DatasetInfo(
+        builder=builder,
+        description=description,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+            "label": tfds.features.ClassLabel(),
+            "file_name": tfds.features.Text(),
+            "bbox": tfds.features.BBoxFeature(),
+        }),
+        supervised_keys=("image", "label"),
+        homepage=homepage,
+        citation=citation,
+    )

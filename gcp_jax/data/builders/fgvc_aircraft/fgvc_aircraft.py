@@ -53,19 +53,7 @@ class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
         f"Optional: put {_EXPECTED} in manual_dir to avoid the download from {URL}.")
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                "label": tfds.features.ClassLabel(),
-                "file_name": tfds.features.Text(),
-                "bbox": tfds.features.BBoxFeature(),
-            }),
-            supervised_keys=("image", "label"),
-            homepage=HOMEPAGE,
-            citation=_CITATION,
-        )
+        return _files.fgvc_info(self, description=__doc__, homepage=HOMEPAGE, citation=_CITATION)
 
     def _split_generators(self, dl_manager):
         data = self._find_data(dl_manager)

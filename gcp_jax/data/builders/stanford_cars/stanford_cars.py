@@ -40,19 +40,7 @@ class StanfordCars(tfds.core.GeneratorBasedBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"Put {EXPECTED} in manual_dir; get them from {SOURCE}."
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                "label": tfds.features.ClassLabel(),
-                "file_name": tfds.features.Text(),
-                "bbox": tfds.features.BBoxFeature(),
-            }),
-            supervised_keys=("image", "label"),
-            homepage=HOMEPAGE,
-            citation=_CITATION,
-        )
+        return _files.fgvc_info(self, description=__doc__, homepage=HOMEPAGE, citation=_CITATION)
 
     def _split_generators(self, dl_manager):
         files = _files.require(
