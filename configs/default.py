@@ -26,9 +26,7 @@ def get_config() -> config_dict.ConfigDict:
     c.checkpoint_every_steps = 1000  # Periodic checkpoint every N steps (also after each eval and at the end); 0 = off.
     c.keep_checkpoints = 2  # Latest checkpoints kept for resuming, besides the best-by-eval one.
     c.eval_only = False  # Evaluate the latest checkpoint in --workdir and exit (no training).
-    c.spectrum_every_steps = (
-        500  # Covariance-spectrum summary of the train batch to TensorBoard every N steps (gcp head); 0 = off.
-    )
+    c.spectrum_every_steps = 500  # Spectrum summary of the train batch to TensorBoard every N steps; 0 = off.
     c.max_nonfinite_steps = 20  # Steps with a non-finite loss/gradient are skipped; more than this stops the run.
 
     # --- model (gcp_jax.models.create_model) ----------------------------------------------
@@ -39,9 +37,7 @@ def get_config() -> config_dict.ConfigDict:
     c.model.dtype = "float32"  # Backbone compute dtype: "float32" or "bfloat16" (the spectral head uses gcp.dtype).
     c.model.dropout_rate = config_dict.placeholder(float)  # Dropout before the classifier; None = the arch's (B5 0.4).
     c.model.drop_connect_rate = config_dict.placeholder(float)  # EfficientNet stochastic depth; None = 0.2 (ResNet: 0).
-    c.model.last_stride = (
-        2  # ResNet layer4 stride: 1 = 28x28 maps at 448 px (GCP protocol), 2 = ImageNet's. EfficientNets: 2 only.
-    )
+    c.model.last_stride = 2  # ResNet layer4: 1 = 28x28 maps at 448 px (GCP protocol), 2 = ImageNet's. EffNets: 2.
 
     # --- GCP head (gcp_jax.pooling.GCPHead) ---------------------------------------------
     c.gcp = config_dict.ConfigDict()

@@ -63,7 +63,7 @@ def test_default_documents_every_field():
     fields = [f"{group}.{k}" for group in ("model", "gcp", "optim") for k in config[group]]
     fields += [k for k, v in config.items() if not hasattr(v, "keys")]
     for field in fields:
-        assert len(re.findall(rf"^  c\.{re.escape(field)} = .+  # \S", source, re.M)) == 1, field
+        assert len(re.findall(rf"^    c\.{re.escape(field)} = .+  # \S", source, re.M)) == 1, field
 
 
 @pytest.mark.parametrize(
