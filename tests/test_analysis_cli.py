@@ -5,7 +5,7 @@ import json
 import pytest
 
 from configs import demo
-from gcp_jax import training
+from gcp_jax import metrics, training
 from gcp_jax.analysis.__main__ import default_truncation_ns, main
 
 
@@ -18,7 +18,7 @@ def workdir(tmp_path_factory):
     c.data.resize_size = c.data.image_size = 32
     c.gcp.dim = 8
     c.batch_size = c.eval_batch_size = 8  # 8 fake devices
-    c.num_epochs, c.num_train_steps, c.log_every_steps = 1, 2, 1
+    c.num_epochs, c.num_train_steps, c.log_every_steps, c.spectrum_every_steps = 1, 2, 1, 1
     path = str(tmp_path_factory.mktemp("run"))
     training.train_and_evaluate(c, path)
     return path
@@ -36,6 +36,12 @@ def test_cli_writes_spectra_truncation_and_attribution(workdir, tmp_path):
     curve = json.loads((tmp_path / "truncation.json").read_text())
     assert set(curve) == {"smallest", "largest"} and set(curve["smallest"]) == {"0", "3"}
     assert curve["smallest"]["0"] == curve["largest"]["0"]
+
+
+def test_training_logs_spectrum_summaries(workdir):
+    records = [r for r in metrics.read_metrics(workdir) if r["split"] == "spectrum"]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["condition"] >= 1 and 1 <= r["effective_rank"] <= 8 + 1e-6 for r in records)
 
 
 def test_cli_names_a_missing_workdir(tmp_path):
