@@ -34,20 +34,13 @@ def test_configs_are_valid(name, variant):
 def test_protocol_values():
     """METHOD.md §6 table."""
     air, cub, cars = load("aircraft"), load("cub"), load("cars")
-    assert (
-        air.batch_size,
-        air.num_epochs,
-        tuple(air.optim.decay_epochs),
-        air.optim.weight_decay,
-        air.optim.classifier_lr_factor,
-    ) == (8, 50, (21, 40), 1e-3, 5.0)
-    assert (
-        cub.batch_size,
-        cub.num_epochs,
-        tuple(cub.optim.decay_epochs),
-        cub.optim.weight_decay,
-        cub.optim.classifier_lr_factor,
-    ) == (10, 200, (50, 100), 1e-4, 20.0)
+
+    def schedule(c):
+        o = c.optim
+        return c.batch_size, c.num_epochs, tuple(o.decay_epochs), o.weight_decay, o.classifier_lr_factor
+
+    assert schedule(air) == (8, 50, (21, 40), 1e-3, 5.0)
+    assert schedule(cub) == (10, 200, (50, 100), 1e-4, 20.0)
     assert cars.optim.classifier_lr_factor == 10.0
     for c in (air, cub, cars):
         assert (c.optim.learning_rate, c.optim.momentum, c.optim.grad_clip_norm) == (3e-3, 0.9, 5.0)
