@@ -15,7 +15,10 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the input pipeline's TensorFlow: errors only
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # OpenBLAS runs jaxlib's CPU eigh: keep it off XLA's cores
+
+from gcp_jax import host  # pylint: disable=g-import-not-at-top
+
+host.tune_cpu_host()  # before numpy and JAX start threads: see gcp_jax/host.py
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top

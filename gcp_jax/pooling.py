@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gcp_jax import linalg
+from gcp_jax import layers, linalg
 
 NORMS = ("sqrt", "seb", "isqrt", "none")
 SPECTRAL_DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
@@ -62,6 +62,7 @@ class GCPHead(nn.Module):
                 dtype=features.dtype,
                 kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                 name="reduce_conv",
+                conv_general_dilated=layers.conv_general_dilated,
             )(x)
             x = nn.BatchNorm(
                 use_running_average=not train,

@@ -12,6 +12,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from gcp_jax import layers
+
 BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
 BN_EPSILON = 1e-5
 
@@ -30,7 +32,8 @@ _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torch
 def _conv(features, kernel, stride, dtype, name):
     pad = kernel // 2
     return nn.Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-                   use_bias=False, dtype=dtype, kernel_init=_conv_init, name=name)
+                   use_bias=False, dtype=dtype, kernel_init=_conv_init, name=name,
+                   conv_general_dilated=layers.conv_general_dilated)
 
 
 def _bn(train, dtype, name):
@@ -83,7 +86,7 @@ class ResNet(nn.Module):
         x = images.astype(self.dtype)
         if self.stem == "imagenet":
             x = nn.relu(_bn(train, self.dtype, "bn1")(_conv(64, 7, 2, self.dtype, "conv1")(x)))
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = layers.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
         else:
             x = nn.relu(_bn(train, self.dtype, "bn1")(_conv(self.planes[0], 3, 2, self.dtype, "conv1")(x)))
         last = len(self.stage_sizes) - 1

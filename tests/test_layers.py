@@ -1,0 +1,130 @@
+"""gcp_jax.layers (1×1 convolution as matmul, max-pool) and gcp_jax.host (CPU process settings)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.test_util import check_grads
+
+from gcp_jax import host, layers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def _conv_pair(kernel, stride, padding, groups=1):
+    rng = np.random.default_rng(kernel * 10 + stride)
+    x = jnp.asarray(rng.normal(size=(2, 9, 7, 6)))
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, 6 // groups, 4)))
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    ours = lambda x, w: layers.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn,
+                                                    feature_group_count=groups)
+    ref = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn,
+                                                feature_group_count=groups)
+    return x, w, ours, ref
+
+
+@pytest.mark.parametrize(
+    "kernel,stride,padding,groups",
+    [(1, 1, ((0, 0), (0, 0)), 1), (1, 2, ((0, 0), (0, 0)), 1), (1, 2, "SAME", 1), (1, 3, "VALID", 1),
+     (3, 1, ((1, 1), (1, 1)), 1), (3, 2, "SAME", 2)],
+)
+def test_conv_matches_lax_values_and_gradients(kernel, stride, padding, groups):
+    x, w, ours, ref = _conv_pair(kernel, stride, padding, groups)
+    np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-12, atol=1e-12)
+    cot = jnp.asarray(np.random.default_rng(1).normal(size=ref(x, w).shape))
+    grads = [jax.grad(lambda x, w: jnp.sum(f(x, w) * cot), (0, 1))(x, w) for f in (ours, ref)]
+    for g_ours, g_ref in zip(*grads):
+        np.testing.assert_allclose(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+    check_grads(ours, (x, w), order=1, modes=("rev",), eps=1e-6)
+
+
+def test_pointwise_conv_is_a_matmul():
+    x, w, ours, _ = _conv_pair(1, 2, "SAME")
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(ours(x, w) ** 2), (0, 1)))(x, w))
+    assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
+
+
+def test_flax_conv_uses_it_with_the_same_parameters():
+    x = jnp.ones((1, 8, 8, 3))
+    conv = lambda **kw: nn.Conv(5, (1, 1), strides=2, use_bias=True, **kw)
+    params = conv().init(jax.random.key(0), x)
+    np.testing.assert_allclose(conv(conv_general_dilated=layers.conv_general_dilated).apply(params, x),
+                               conv().apply(params, x), rtol=1e-12)
+
+
+WINDOW, STRIDES, PADDING = (3, 3), (2, 2), ((1, 1), (1, 1))
+
+
+def test_max_pool_matches_flax_values_and_gradients():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 8, 3)))
+    ours = lambda x: layers.max_pool(x, WINDOW, STRIDES, PADDING)
+    ref = lambda x: nn.max_pool(x, WINDOW, strides=STRIDES, padding=PADDING)
+    np.testing.assert_array_equal(ours(x), ref(x))
+    cot = jnp.asarray(np.random.default_rng(1).normal(size=ref(x).shape))
+    g_ours, g_ref = (jax.grad(lambda x: jnp.sum(f(x) * cot))(x) for f in (ours, ref))
+    np.testing.assert_allclose(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+    check_grads(ours, (x,), order=1, modes=("rev",), eps=1e-6)
+
+
+def test_max_pool_routes_ties_to_the_first_maximum():
+    x = jnp.zeros((1, 4, 4, 1))  # every window is a tie (ReLU outputs are often all zero)
+    cot = jnp.arange(1.0, 5.0).reshape(1, 2, 2, 1)
+    dx = jax.grad(lambda x: jnp.sum(layers.max_pool(x, WINDOW, STRIDES, PADDING) * cot))(x)
+    # Output (a, b) covers rows 2a-1..2a+1 and columns 2b-1..2b+1: its first in-image element is
+    # (max(2a-1, 0), max(2b-1, 0)).
+    expected = np.zeros((4, 4))
+    expected[0, 0], expected[0, 1], expected[1, 0], expected[1, 1] = 1, 2, 3, 4
+    np.testing.assert_array_equal(dx[0, :, :, 0], expected)
+    assert float(jnp.sum(dx)) == float(jnp.sum(cot)) and bool(jnp.all(jnp.isfinite(dx)))
+
+
+def test_accelerator_expected_follows_jax_platforms(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert not host.accelerator_expected()
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+    assert host.accelerator_expected()
+
+
+FAULTS = textwrap.dedent(
+    """
+    import ctypes, resource, sys
+    from gcp_jax import host
+    if sys.argv[1] == "tuned":
+        assert host.keep_freed_memory()
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    def faults_of_a_256_mib_buffer():  # as XLA:CPU treats a step's temporaries: malloc, write, free
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        buffer = libc.malloc(2**28)
+        ctypes.memset(buffer, 1, 2**28)
+        libc.free(buffer)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    faults_of_a_256_mib_buffer()
+    print(faults_of_a_256_mib_buffer())
+    """
+)
+
+
+def test_keep_freed_memory_stops_refaulting_large_buffers():
+    def second_allocation_faults(mode):
+        out = subprocess.run([sys.executable, "-c", FAULTS, mode], cwd=ROOT, capture_output=True, text=True,
+                             check=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+        return int(out.stdout.split()[-1])
+
+    pages = 2**28 // 4096
+    assert second_allocation_faults("default") > 0.9 * pages  # glibc: mmap on allocation, unmap on free
+    assert second_allocation_faults("tuned") < 0.05 * pages  # the freed pages are reused
