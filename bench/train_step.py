@@ -4,8 +4,8 @@
   python -m bench.train_step --archs resnet50 --torch off      # ResNet-50 rows only
   python -m bench.train_step --archs resnet50 --heads seb --batch 16   # e.g. on a GPU
 
-For each backbone and head (gap, gcp with sqrt, gcp with SEB; 256-d reduction, last stage at
-stride 1) it times `gcp_jax.training.make_train_step` (forward, backward, SGD update; synthetic
+For each backbone and head (gap, gcp with sqrt, gcp with SEB; 256-d reduction; ResNet layer4 at
+stride 1, the GCP protocol) it times `gcp_jax.training.make_train_step` (forward, backward, SGD update; synthetic
 in-memory batches, no TensorFlow) and, separately, the spectral part of the head alone
 (covariance -> eigh -> normalisation -> triu, forward and backward, on reduced features of the
 same shape). When torch is importable it adds the PyTorch reference recipe for ResNet-50 + SEB:
@@ -69,7 +69,7 @@ def jax_step(arch: str, head: str, size: int, batch: int, num_classes: int = 100
         num_classes=num_classes,
         head="gap" if norm is None else "gcp",
         gcp=dict(dim=GCP_DIM, norm=norm or "seb"),
-        last_stride=1,
+        last_stride=1 if arch.startswith("resnet") else 2,  # the GCP protocol; EfficientNets keep theirs
     )
     mesh = sharding.make_mesh()
     schedule = training.learning_rate_schedule(optim_config(), 100, 100)

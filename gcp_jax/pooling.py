@@ -55,14 +55,13 @@ class GCPHead(nn.Module):
             raise ValueError("GCP dtype float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 or jax_enable_x64.")
         x = features
         if self.dim:
-            x = nn.Conv(
+            x = layers.Conv(
                 self.dim,
                 (1, 1),
                 use_bias=False,
                 dtype=features.dtype,
                 kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                 name="reduce_conv",
-                conv_general_dilated=layers.conv_general_dilated,
             )(x)
             x = nn.BatchNorm(
                 use_running_average=not train,

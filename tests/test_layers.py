@@ -24,10 +24,10 @@ def x64():
         yield
 
 
-def _conv_pair(kernel, stride, padding, groups=1):
+def _conv_pair(kernel, stride, padding, groups=1, channels=6, features=4):
     rng = np.random.default_rng(kernel * 10 + stride)
-    x = jnp.asarray(rng.normal(size=(2, 9, 7, 6)))
-    w = jnp.asarray(rng.normal(size=(kernel, kernel, 6 // groups, 4)))
+    x = jnp.asarray(rng.normal(size=(2, 9, 7, channels)))
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, channels // groups, features)))
     dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
     ours = lambda x, w: layers.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn,
                                                     feature_group_count=groups)
@@ -36,13 +36,17 @@ def _conv_pair(kernel, stride, padding, groups=1):
     return x, w, ours, ref
 
 
+DEPTHWISE = dict(groups=6, features=6)
+
+
 @pytest.mark.parametrize(
-    "kernel,stride,padding,groups",
-    [(1, 1, ((0, 0), (0, 0)), 1), (1, 2, ((0, 0), (0, 0)), 1), (1, 2, "SAME", 1), (1, 3, "VALID", 1),
-     (3, 1, ((1, 1), (1, 1)), 1), (3, 2, "SAME", 2)],
+    "kernel,stride,padding,kind",
+    [(1, 1, ((0, 0), (0, 0)), {}), (1, 2, ((0, 0), (0, 0)), {}), (1, 2, "SAME", {}), (1, 3, "VALID", {}),
+     (3, 1, ((1, 1), (1, 1)), {}), (3, 2, "SAME", dict(groups=2)),
+     (3, 1, "SAME", DEPTHWISE), (3, 2, "SAME", DEPTHWISE), (5, 2, "SAME", DEPTHWISE), (5, 1, ((1, 3), (2, 0)), DEPTHWISE)],
 )
-def test_conv_matches_lax_values_and_gradients(kernel, stride, padding, groups):
-    x, w, ours, ref = _conv_pair(kernel, stride, padding, groups)
+def test_conv_matches_lax_values_and_gradients(kernel, stride, padding, kind):
+    x, w, ours, ref = _conv_pair(kernel, stride, padding, **kind)
     np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-12, atol=1e-12)
     cot = jnp.asarray(np.random.default_rng(1).normal(size=ref(x, w).shape))
     grads = [jax.grad(lambda x, w: jnp.sum(f(x, w) * cot), (0, 1))(x, w) for f in (ours, ref)]
@@ -51,10 +55,12 @@ def test_conv_matches_lax_values_and_gradients(kernel, stride, padding, groups):
     check_grads(ours, (x, w), order=1, modes=("rev",), eps=1e-6)
 
 
-def test_pointwise_conv_is_a_matmul():
-    x, w, ours, _ = _conv_pair(1, 2, "SAME")
-    jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(ours(x, w) ** 2), (0, 1)))(x, w))
-    assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
+@pytest.mark.parametrize("kind", [{}, DEPTHWISE])
+def test_special_cases_compile_without_xla_convolutions(kind):
+    """1×1 kernels become matmuls, depthwise kernels (on CPU) strided views: no convolution left."""
+    x, w, ours, _ = _conv_pair(1 if not kind else 3, 2, "SAME", **kind)
+    hlo = jax.jit(jax.grad(lambda x, w: jnp.sum(ours(x, w) ** 2), (0, 1))).lower(x, w).compile().as_text()
+    assert " convolution(" not in hlo  # the HLO op (the test name is in the metadata)
 
 
 def test_flax_conv_uses_it_with_the_same_parameters():

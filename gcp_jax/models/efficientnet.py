@@ -13,6 +13,8 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from gcp_jax import layers
+
 # name: (width coefficient, depth coefficient, native resolution, dropout before the classifier)
 EFFICIENTNET_PARAMS = {
     "efficientnet_b0": (1.0, 1.0, 224, 0.2),
@@ -104,14 +106,15 @@ class MBConv(nn.Module):
     def __call__(self, inputs, train: bool = False):
         s = self.spec
         bn = lambda name: _bn(train, self.dtype, name)
-        conv = lambda features, name, **kw: nn.Conv(features, (1, 1), dtype=self.dtype,
-                                                    kernel_init=_conv_init, name=name, **kw)
+        conv = lambda features, name, **kw: layers.Conv(features, (1, 1), dtype=self.dtype,
+                                                        kernel_init=_conv_init, name=name, **kw)
         filters = s.filters_in * s.expand_ratio
         x = inputs
         if s.expand_ratio != 1:
             x = nn.swish(bn("expand_bn")(conv(filters, "expand_conv", use_bias=False)(x)))
-        x = nn.Conv(filters, (s.kernel, s.kernel), strides=s.stride, padding="SAME", feature_group_count=filters,
-                    use_bias=False, dtype=self.dtype, kernel_init=_depthwise_init, name="dwconv")(x)
+        x = layers.Conv(filters, (s.kernel, s.kernel), strides=s.stride, padding="SAME",
+                        feature_group_count=filters, use_bias=False, dtype=self.dtype, kernel_init=_depthwise_init,
+                        name="dwconv")(x)
         x = nn.swish(bn("bn")(x))
         # Squeeze-excitation, sized from the block's input channels (not the expanded ones).
         se = jnp.mean(x, axis=(1, 2), keepdims=True)
@@ -136,11 +139,11 @@ class EfficientNet(nn.Module):
     def __call__(self, images, train: bool = False):
         bn = lambda name: _bn(train, self.dtype, name)
         x = images.astype(self.dtype)
-        x = nn.Conv(round_filters(32, self.width), (3, 3), strides=2, padding="SAME", use_bias=False,
-                    dtype=self.dtype, kernel_init=_conv_init, name="stem_conv")(x)
+        x = layers.Conv(round_filters(32, self.width), (3, 3), strides=2, padding="SAME", use_bias=False,
+                        dtype=self.dtype, kernel_init=_conv_init, name="stem_conv")(x)
         x = nn.swish(bn("stem_bn")(x))
         for spec in block_specs(self.width, self.depth, self.drop_connect_rate):
             x = MBConv(spec, dtype=self.dtype, name=spec.name)(x, train=train)
-        x = nn.Conv(round_filters(1280, self.width), (1, 1), use_bias=False, dtype=self.dtype,
-                    kernel_init=_conv_init, name="top_conv")(x)
+        x = layers.Conv(round_filters(1280, self.width), (1, 1), use_bias=False, dtype=self.dtype,
+                        kernel_init=_conv_init, name="top_conv")(x)
         return nn.swish(bn("top_bn")(x))

@@ -31,9 +31,8 @@ _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torch
 
 def _conv(features, kernel, stride, dtype, name):
     pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-                   use_bias=False, dtype=dtype, kernel_init=_conv_init, name=name,
-                   conv_general_dilated=layers.conv_general_dilated)
+    return layers.Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+                       use_bias=False, dtype=dtype, kernel_init=_conv_init, name=name)
 
 
 def _bn(train, dtype, name):
