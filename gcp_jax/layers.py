@@ -19,6 +19,7 @@ import itertools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
@@ -51,15 +52,73 @@ def _strided_view(xp, offset, out_hw, strides):
                      (1, sh, sw, 1))
 
 
+def _unview(values, offset, padded_hw, strides):
+    """The transpose of `_strided_view`: values [N, ho, wo, C] placed back into a zero [N, *padded_hw, C]."""
+    (i, j), (_, ho, wo, _), (sh, sw) = offset, values.shape, strides
+    last_i, last_j = i + sh * (ho - 1), j + sw * (wo - 1)
+    spread = ((0, 0, 0), (i, padded_hw[0] - last_i - 1, sh - 1), (j, padded_hw[1] - last_j - 1, sw - 1), (0, 0, 0))
+    return lax.pad(values, jnp.zeros((), values.dtype), spread)
+
+
+def _window_offsets(window):
+    return itertools.product(range(window[0]), range(window[1]))
+
+
+def _weighted_views(xp, kernel, out_hw, strides):
+    """Σ_(i,j) view_(i,j)(xp) · kernel[i, j, 0], accumulated in float32 at least (as a convolution's products are)."""
+    acc = jnp.promote_types(xp.dtype, jnp.float32)
+    return sum(_strided_view(xp, offset, out_hw, strides).astype(acc) * kernel[offset][0].astype(acc)
+               for offset in _window_offsets(kernel.shape[:2]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _depthwise_by_views(x, kernel, strides, padding):
-    """Depthwise NHWC convolution (kernel [kh, kw, 1, C]) as Σ_(i,j) view_(i,j)(x) · kernel[i, j]."""
-    kh, kw = kernel.shape[:2]
-    if isinstance(padding, str):
-        padding = lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)
+    """Depthwise NHWC convolution, kernel [kh, kw, 1, C], explicit padding, as weighted strided views."""
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    out_hw = ((xp.shape[1] - kh) // strides[0] + 1, (xp.shape[2] - kw) // strides[1] + 1)
-    return sum(_strided_view(xp, (i, j), out_hw, strides) * kernel[i, j, 0]
-               for i, j in itertools.product(range(kh), range(kw)))
+    out_hw = tuple((xp.shape[d + 1] - kernel.shape[d]) // strides[d] + 1 for d in (0, 1))
+    return _weighted_views(xp, kernel, out_hw, strides).astype(x.dtype)
+
+
+def _depthwise_kernel_grad(xp, g, window, strides):
+    """[kh·kw, C]: Σ_(n,h,w) view_(i,j)(xp) · g per offset, one offset at a time (a scan), so that
+    at most one view is ever materialised (XLA would otherwise keep all k² of them)."""
+    (n, ho, wo, c), (sh, sw) = g.shape, strides
+    # Phase (a, b) holds xp[:, a::sh, b::sw]: offset (i, j) is then a unit-stride window of phase (i % sh, j % sw).
+    hp, wp = -(-xp.shape[1] // sh) * sh, -(-xp.shape[2] // sw) * sw
+    xp = jnp.pad(xp, ((0, 0), (0, hp - xp.shape[1]), (0, wp - xp.shape[2]), (0, 0)))
+    phases = xp.reshape(n, hp // sh, sh, wp // sw, sw, c).transpose(2, 4, 0, 1, 3, 5)
+    offsets = np.array(list(_window_offsets(window)))
+    starts = np.stack([offsets[:, 0] % sh, offsets[:, 1] % sw, offsets[:, 0] // sh, offsets[:, 1] // sw], 1)
+
+    def one_offset(_, start):
+        a, b, i, j = start
+        view = lax.dynamic_slice(phases, (a, b, 0, i, j, 0), (1, 1, n, ho, wo, c))[0, 0]
+        return None, jnp.sum(view.astype(g.dtype) * g, (0, 1, 2))
+
+    return lax.scan(one_offset, None, jnp.asarray(starts))[1]
+
+
+def _depthwise_fwd(x, kernel, strides, padding):
+    return _depthwise_by_views(x, kernel, strides, padding), (x, kernel)  # what a convolution keeps
+
+
+def _depthwise_bwd(strides, padding, residuals, g):
+    """dkernel: one reduction per offset. dx: the stride-1 views of g, dilated by the stride and
+    padded, under the flipped kernel (the transposed convolution), which XLA fuses like the forward."""
+    x, kernel = residuals
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    g = g.astype(acc)
+    dkernel = _depthwise_kernel_grad(xp, g, kernel.shape[:2], strides)
+    # g dilated to (out - 1)·s + 1 rows; (k - 1 - lo) zeros before, so that row h meets g's rows (h + lo - i) / s.
+    edges = [(k - 1 - lo, n - ((m - 1) * s + 1) + lo, s - 1)
+             for k, (lo, _), n, m, s in zip(kernel.shape[:2], padding, x.shape[1:3], g.shape[1:3], strides)]
+    gp = lax.pad(g, jnp.zeros((), acc), ((0, 0, 0), *edges, (0, 0, 0)))
+    dx = _weighted_views(gp, jnp.flip(kernel, (0, 1)), x.shape[1:3], (1, 1))
+    return dx.astype(x.dtype), dkernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_depthwise_by_views.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_dilation=None,
@@ -74,8 +133,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
                                lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                                dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
                                precision=precision, **kwargs)
-    nhwc = dimension_numbers is None or dimension_numbers == lax.conv_dimension_numbers(
-        lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    nhwc = dimension_numbers is not None and lax.conv_dimension_numbers(
+        lhs.shape, rhs.shape, dimension_numbers) == lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                                                               ("NHWC", "HWIO", "NHWC"))
     unit = lambda d: d is None or all(v == 1 for v in d)
     if rhs.ndim != 4 or not nhwc or not unit(lhs_dilation) or not unit(rhs_dilation) or kwargs:
         return native(lhs, rhs)
@@ -84,7 +144,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
         sh, sw = window_strides
         return _channel_matmul(lhs[:, ::sh, ::sw], rhs[0, 0], precision)
     if rhs.shape[2] == 1 and feature_group_count == lhs.shape[3] == rhs.shape[3]:
-        by_views = functools.partial(_depthwise_by_views, strides=tuple(window_strides), padding=padding)
+        if isinstance(padding, str):
+            padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+        pads = tuple(tuple(p) for p in padding)
+        by_views = lambda lhs, rhs: _depthwise_by_views(lhs, rhs, tuple(window_strides), pads)
         return lax.platform_dependent(lhs, rhs, cpu=by_views, default=native)
     return native(lhs, rhs)
 
@@ -111,15 +174,12 @@ def _max_pool_fwd(x, window, strides, padding):
 def _max_pool_bwd(window, strides, padding, residuals, g):
     x, y = residuals
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
-    (sh, sw), out_hw = strides, y.shape[1:3]
     routed = jnp.zeros(y.shape, bool)
     dxp = jnp.zeros_like(xp)
-    for i, j in itertools.product(range(window[0]), range(window[1])):
-        first = (_strided_view(xp, (i, j), out_hw, strides) == y) & ~routed
+    for offset in _window_offsets(window):
+        first = (_strided_view(xp, offset, y.shape[1:3], strides) == y) & ~routed
         routed = routed | first
-        last_i, last_j = i + sh * (out_hw[0] - 1), j + sw * (out_hw[1] - 1)
-        spread = ((0, 0, 0), (i, xp.shape[1] - last_i - 1, sh - 1), (j, xp.shape[2] - last_j - 1, sw - 1), (0, 0, 0))
-        dxp = dxp + lax.pad(jnp.where(first, g, 0).astype(x.dtype), jnp.zeros((), x.dtype), spread)
+        dxp = dxp + _unview(jnp.where(first, g, 0).astype(x.dtype), offset, xp.shape[1:3], strides)
     (top, _), (left, _) = padding
     return (dxp[:, top:top + x.shape[1], left:left + x.shape[2]],)
 

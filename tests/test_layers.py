@@ -55,6 +55,21 @@ def test_conv_matches_lax_values_and_gradients(kernel, stride, padding, kind):
     check_grads(ours, (x, w), order=1, modes=("rev",), eps=1e-6)
 
 
+def test_other_layouts_go_to_lax():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 9, 7)))  # NCHW, lax's default layout
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(4, 6, 1, 1)))  # OIHW
+    np.testing.assert_allclose(layers.conv_general_dilated(x, w, (1, 1), "SAME"),
+                               lax.conv_general_dilated(x, w, (1, 1), "SAME"), rtol=1e-12)
+
+
+def test_bfloat16_depthwise_keeps_its_dtype_and_values():
+    x, w, ours, ref = _conv_pair(5, 1, "SAME", **DEPTHWISE)
+    y = ours(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16
+    exact = ref(x, w)
+    np.testing.assert_allclose(y.astype(jnp.float64), exact, atol=0.02 * float(jnp.max(jnp.abs(exact))))
+
+
 @pytest.mark.parametrize("kind", [{}, DEPTHWISE])
 def test_special_cases_compile_without_xla_convolutions(kind):
     """1×1 kernels become matmuls, depthwise kernels (on CPU) strided views: no convolution left."""
