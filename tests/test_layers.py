@@ -146,6 +146,6 @@ def test_keep_freed_memory_stops_refaulting_large_buffers():
                              check=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
         return int(out.stdout.split()[-1])
 
-    pages = 2**28 // 4096
-    assert second_allocation_faults("default") > 0.9 * pages  # glibc: mmap on allocation, unmap on free
-    assert second_allocation_faults("tuned") < 0.05 * pages  # the freed pages are reused
+    default = second_allocation_faults("default")  # glibc: mmap on allocation, unmap on free
+    assert default > 0
+    assert second_allocation_faults("tuned") < 0.05 * default  # the freed pages are reused
