@@ -5,8 +5,8 @@
   python -m bench.train_step --archs resnet50 --heads seb --batch 16   # e.g. on a GPU
 
 For each backbone and head (gap, gcp with sqrt, gcp with SEB; 256-d reduction; ResNet layer4 at
-stride 1, the GCP protocol) it times `gcp_jax.training.make_train_step` (forward, backward, SGD update; synthetic
-in-memory batches, no TensorFlow) and, separately, the spectral part of the head alone
+stride 1, the GCP protocol) it times `gcp_jax.training.make_train_step` (forward, backward, SGD
+update; synthetic in-memory batches, no TensorFlow) and, separately, the spectral part of the head alone
 (covariance -> eigh -> normalisation -> triu, forward and backward, on reduced features of the
 same shape). When torch is importable it adds the PyTorch reference recipe for ResNet-50 + SEB:
 a ResNet-50 written here (layer4 at stride 1), the 256-d reduction, the covariance and SEB in

@@ -5,8 +5,9 @@ copies of the activations, runs depthwise convolutions at a fraction of memory s
 differentiates a max-pool through an index-packing select-and-gather; each costs far more than
 the arithmetic it does. Here 1×1 convolutions are matrix products whose kernel gradient
 contracts batch and space directly; depthwise convolutions are, on CPU, sums of k² strided
-views times their weights (one fused loop each way; other platforms keep their native
-kernels); the max-pool routes its gradient with strided compares. Values equal
+views times their weights (one fused loop forward and for dx, a scan over offsets for the
+kernel gradient; other platforms keep their native kernels); the max-pool routes its gradient
+with strided compares. Values equal
 `lax.conv_general_dilated` and `nn.max_pool` (gradient to the first maximum of each window, as
 PyTorch routes it).
 """
