@@ -3,6 +3,7 @@
   python -m bench.train_step                                   # the README table (2-core CPU: ~15 minutes)
   python -m bench.train_step --archs resnet50 --torch off      # ResNet-50 rows only
   python -m bench.train_step --archs resnet50 --heads seb --batch 16   # e.g. on a GPU
+  python -m bench.train_step --archs resnet50 --batch 16 --dtype bfloat16 --torch off
 
 For each backbone and head (gap, gcp with sqrt, gcp with SEB; 256-d reduction; ResNet layer4 at
 stride 1, the GCP protocol) it times `gcp_jax.training.make_train_step` (forward, backward, SGD
@@ -12,7 +13,11 @@ same shape). When torch is importable it adds the PyTorch reference recipe for R
 a ResNet-50 written here (layer4 at stride 1), the 256-d reduction, the covariance and SEB in
 float64 by SVD with the ordinary-K eigen backward (METHOD.md §3) as a torch.autograd.Function,
 SGD with clipping -- the comparison column, its steps alternating with ours (a child process).
+On a GPU the reference runs as published: backbone on the GPU (cuDNN autotuned), covariance
+eigendecomposition and its backward in float64 on the CPU.
 Times are the fastest of `--steps` timed steps after compile and one warm-up (bench.common).
+Memory is XLA's buffer assignment for the compiled step (parameters, optimiser state, batch,
+temporaries; donated buffers once) and, for torch, its allocator's peak on the GPU.
 """
 
 import argparse
@@ -61,8 +66,11 @@ def seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def jax_step(arch: str, head: str, size: int, batch: int, num_classes: int = 100):
-    """(train_once, model, variable shapes): a jitted train step of `arch` with `head` on a synthetic batch."""
+def jax_step(arch: str, head: str, size: int, batch: int, dtype: str = "float32", num_classes: int = 100):
+    """(train_once, model, variable shapes, compiled step): the train step of `arch` + `head` on a synthetic batch.
+
+    `dtype` is the backbone's compute dtype; the spectral head stays in float32.
+    """
     norm = HEADS[head]
     model = models.create_model(
         arch,
@@ -70,6 +78,7 @@ def jax_step(arch: str, head: str, size: int, batch: int, num_classes: int = 100
         head="gap" if norm is None else "gcp",
         gcp=dict(dim=GCP_DIM, norm=norm or "seb"),
         last_stride=1 if arch.startswith("resnet") else 2,  # the GCP protocol; EfficientNets keep theirs
+        dtype=dtype,
     )
     mesh = sharding.make_mesh()
     schedule = training.learning_rate_schedule(optim_config(), 100, 100)
@@ -85,34 +94,42 @@ def jax_step(arch: str, head: str, size: int, batch: int, num_classes: int = 100
         mesh,
     )
     shapes = jax.eval_shape(lambda: {"params": state.params, "batch_stats": state.batch_stats})
+    compiled = step.lower(state, batch_data).compile()
     holder = [state]
 
     def train_once():
-        holder[0], metrics = step(holder[0], batch_data)
+        holder[0], metrics = compiled(holder[0], batch_data)
         jax.block_until_ready(metrics["loss"])
 
-    return train_once, model, shapes
+    return train_once, model, shapes, compiled
 
 
-def bench_jax(arch: str, head: str, size: int, batch: int, steps: int) -> dict:
-    """Train-step seconds (and spectral-head seconds) for one backbone/head."""
+def step_memory_gib(compiled) -> float:
+    """XLA's buffer assignment for one compiled step, in GiB (donated buffers counted once)."""
+    m = compiled.memory_analysis()
+    total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    return total / 2**30
+
+
+def bench_jax(arch: str, head: str, size: int, batch: int, steps: int, dtype: str = "float32") -> dict:
+    """Train-step seconds, memory (and spectral-head seconds) for one backbone/head."""
     norm = HEADS[head]
-    train_once, model, variables = jax_step(arch, head, size, batch)
-    compile_s = seconds(train_once)
+    start = time.perf_counter()
+    train_once, model, variables, compiled = jax_step(arch, head, size, batch, dtype)
+    compile_s = time.perf_counter() - start
     step_s = time_call(train_once, repeats=steps, warmup=1)
     result = {
         "arch": arch,
         "head": head,
+        "dtype": dtype,
         "size": size,
         "batch": batch,
         "step_s": step_s,
         "images_per_s": batch / step_s,
         "compile_s": compile_s,
+        "memory_gib": step_memory_gib(compiled),
         "spectral_s": None,
     }
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        result["peak_gib"] = stats["peak_bytes_in_use"] / 2**30
     if norm is not None:
         features = jax.eval_shape(
             lambda v, x: model.apply(v, x, method=model.features),
@@ -130,28 +147,41 @@ def spectral_seconds(norm: str, batch: int, positions: int, steps: int) -> float
     x = jax.nn.relu(jax.random.normal(jax.random.key(0), (batch, positions, GCP_DIM)))
     w = jax.random.normal(jax.random.key(1), (batch, GCP_DIM * (GCP_DIM + 1) // 2))
 
-    def loss(x):
+    def loss(x, w):  # w an argument: as a closed-over constant XLA would constant-fold the triu backward
         return jnp.sum(linalg.triu_vec(pooling.normalize(linalg.covariance(x), norm=norm)) * w)
 
-    return time_call(jax.jit(jax.grad(loss)), x, repeats=steps, warmup=1)
+    return time_call(jax.jit(jax.grad(loss)), x, w, repeats=steps, warmup=1)
 
 
 # ----------------------------------------------------------------------------------------------
 # The PyTorch reference recipe (imported only when asked for and available).
 
 
-def torch_step(size: int, batch: int, num_classes: int = 100):
-    """train_once() of the PyTorch reference recipe: ResNet-50 + 256-d float64 SVD SEB head, SGD."""
+def torch_step(size: int, batch: int, device: str, num_classes: int = 100):
+    """(train_once, peak_bytes) of the PyTorch reference recipe: ResNet-50 + 256-d float64 SVD SEB head, SGD.
+
+    `device` ("cpu" or "cuda") holds the backbone; the eigendecomposition and its backward run
+    on the CPU either way, as in the reference code.
+    """
     import torch  # pylint: disable=g-import-not-at-top
     from torch import nn  # pylint: disable=g-import-not-at-top
 
     torch.set_num_threads(os.cpu_count() or 1)
+    torch.backends.cudnn.benchmark = True
 
     class SEBFunction(torch.autograd.Function):
         """(1 + c) Σ^{1/2} by SVD in float64; backward: ordinary-K eigen VJP + the branch term (METHOD §2c, §3)."""
 
         @staticmethod
         def forward(ctx, cov):
+            return SEBFunction.forward_on_cpu(ctx, cov.cpu()).to(cov.device)
+
+        @staticmethod
+        def backward(ctx, g):
+            return SEBFunction.backward_on_cpu(ctx, g.cpu()).to(g.device)
+
+        @staticmethod
+        def forward_on_cpu(ctx, cov):
             u, s, _ = torch.linalg.svd(cov)
             s = torch.clamp(s, min=float(np.finfo(np.float64).eps))
             root = u @ torch.diag_embed(s.sqrt()) @ u.transpose(1, 2)
@@ -160,7 +190,7 @@ def torch_step(size: int, batch: int, num_classes: int = 100):
             return (1 + c)[:, None, None] * root
 
         @staticmethod
-        def backward(ctx, g):
+        def backward_on_cpu(ctx, g):
             u, s, c, root = ctx.saved_tensors
             gs = (1 + c)[:, None, None] * g
             ut = u.transpose(1, 2)
@@ -221,42 +251,52 @@ def torch_step(size: int, batch: int, num_classes: int = 100):
             f = self.reduce(self.backbone(x)).flatten(2).double()  # [B, d, M]
             f = f - f.mean(-1, keepdim=True)
             cov = f @ f.transpose(1, 2) / f.shape[-1]
-            z = SEBFunction.apply(cov)[:, self.rows, self.cols]
+            z = SEBFunction.apply(cov)[:, self.rows.to(cov.device), self.cols.to(cov.device)]
             return self.fc(z.float())
 
     torch.manual_seed(0)
-    net = ResNet50SEB().train()
+    net = ResNet50SEB().train().to(device)
     fc = list(net.fc.parameters())
     rest = [p for n, p in net.named_parameters() if not n.startswith("fc.")]
     opt = torch.optim.SGD([{"params": rest}, {"params": fc, "lr": 5 * 3e-3}], lr=3e-3, momentum=0.9, weight_decay=1e-4)
-    images = torch.randn(batch, 3, size, size)
-    labels = torch.randint(0, num_classes, (batch,))
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, num_classes, (batch,), device=device)
 
     def train_once():
         opt.zero_grad()
         nn.functional.cross_entropy(net(images), labels).backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
         opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
-    return train_once
+    def peak_bytes():
+        return torch.cuda.max_memory_allocated() if device == "cuda" else float("nan")
+
+    return train_once, peak_bytes
 
 
-def torch_worker(size: int, batch: int) -> None:
-    """Child process: one reference train step per line read from stdin, its seconds written to stdout."""
-    step = torch_step(size, batch)
+def torch_worker(size: int, batch: int, device: str) -> None:
+    """Child process: one reference train step per line read from stdin; "seconds peak_bytes" written to stdout."""
+    step, peak_bytes = torch_step(size, batch, device)
     for _ in sys.stdin:
-        print(seconds(step), flush=True)
+        print(seconds(step), peak_bytes(), flush=True)
 
 
 def bench_versus_torch(size: int, batch: int, steps: int) -> dict:
     """ResNet-50 + SEB: ours and the torch recipe, steps alternating (same machine load).
 
     The torch recipe runs in a child process, so that the two runtimes' thread pools never share
-    a process; each side gets 2 warm-up steps (compile included) before `steps` timed ones.
+    a process; each side gets 2 warm-up steps (compile included) before `steps` timed ones. It
+    runs on the GPU when ours does.
     """
-    ours, _, _ = jax_step("resnet50", "seb", size, batch)
+    ours, _, _, compiled = jax_step("resnet50", "seb", size, batch)
+    device = "cuda" if jax.default_backend() == "gpu" else "cpu"
     child = subprocess.Popen(
-        [sys.executable, "-m", "bench.train_step", "--torch-worker", f"--size={size}", f"--batch={batch}"],
+        [
+            sys.executable, "-m", "bench.train_step", "--torch-worker",
+            f"--size={size}", f"--batch={batch}", f"--torch-device={device}",
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -269,8 +309,11 @@ def bench_versus_torch(size: int, batch: int, steps: int) -> dict:
         line = child.stdout.readline()
         if not line:
             raise RuntimeError("The torch reference process stopped; its error is printed above.")
-        return float(line)
+        step_s, peak = map(float, line.split())
+        memory["torch"] = peak / 2**30
+        return step_s
 
+    memory = {"jax": step_memory_gib(compiled)}
     try:
         for _ in range(2):
             ours()
@@ -286,8 +329,10 @@ def bench_versus_torch(size: int, batch: int, steps: int) -> dict:
     return {
         "size": size,
         "batch": batch,
+        "torch_device": device,
         **{f"{k}_step_s": v for k, v in step_s.items()},
         **{f"{k}_images_per_s": batch / v for k, v in step_s.items()},
+        **{f"{k}_memory_gib": v for k, v in memory.items()},
     }
 
 
@@ -300,10 +345,12 @@ def print_rows(rows: list[dict]) -> None:
         return [
             r["arch"],
             "gap" if r["head"] == "gap" else f"gcp({r['head']})",
+            r["dtype"],
             r["size"],
             r["batch"],
             f"{r['images_per_s']:.2f}",
             f"{r['step_s']:.3f}",
+            f"{r['memory_gib']:.2f}",
             "—" if spectral is None else f"{spectral:.3f}",
             "—" if spectral is None else f"{100 * spectral / r['step_s']:.1f} %",
             f"{r['compile_s']:.0f}",
@@ -313,10 +360,12 @@ def print_rows(rows: list[dict]) -> None:
         [
             "backbone",
             "head",
+            "backbone dtype",
             "px",
             "batch",
             "images/s",
             "step (s)",
+            "step memory (GiB)",
             "spectral fwd+bwd (s)",
             "spectral share",
             "compile (s)",
@@ -326,25 +375,20 @@ def print_rows(rows: list[dict]) -> None:
 
 
 def print_versus(r: dict) -> None:
+    where = "backbone on the GPU, SVD on the CPU" if r["torch_device"] == "cuda" else "CPU"
+    names = {
+        "jax": "gcp_jax (float32, eigh, exact backward)",
+        "torch": f"PyTorch reference recipe (float64 SVD, ordinary-K backward; {where})",
+    }
+    rows = [
+        [name, r["size"], r["batch"], f"{r[f'{k}_images_per_s']:.2f}", f"{r[f'{k}_step_s']:.3f}",
+         "—" if np.isnan(r[f"{k}_memory_gib"]) else f"{r[f'{k}_memory_gib']:.2f}"]
+        for k, name in names.items()
+    ]
+    ratio = r["jax_images_per_s"] / r["torch_images_per_s"]
     print_table(
-        ["ResNet-50 (layer4 stride 1) + 256-d SEB, train step", "px", "batch", "images/s", "step (s)"],
-        [
-            [
-                "gcp_jax (float32, eigh, exact backward)",
-                r["size"],
-                r["batch"],
-                f"{r['jax_images_per_s']:.2f}",
-                f"{r['jax_step_s']:.3f}",
-            ],
-            [
-                "PyTorch reference recipe (float64 SVD, ordinary-K backward)",
-                r["size"],
-                r["batch"],
-                f"{r['torch_images_per_s']:.2f}",
-                f"{r['torch_step_s']:.3f}",
-            ],
-            ["ratio ours / torch", "", "", f"{r['jax_images_per_s'] / r['torch_images_per_s']:.2f}", ""],
-        ],
+        ["ResNet-50 (layer4 stride 1) + 256-d SEB, train step", "px", "batch", "images/s", "step (s)", "memory (GiB)"],
+        rows + [["ratio ours / torch", "", "", f"{ratio:.2f}", "", ""]],
     )
 
 
@@ -364,19 +408,26 @@ def main():
         help="ResNet-50 + SEB against the PyTorch reference recipe (a child process), steps alternating; "
         "auto = when torch is importable.",
     )
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16"), help="Backbone compute dtype (our rows)."
+    )
     parser.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--torch-device", default="cpu", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.torch_worker:
-        return torch_worker(args.size, args.batch)
+        return torch_worker(args.size, args.batch, args.torch_device)
+    versus_torch = args.torch == "on" or (args.torch == "auto" and importlib.util.find_spec("torch") is not None)
+    if versus_torch:  # leave the GPU room for the torch process (JAX would otherwise take 75 % of it)
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
     print(f"{machine_line()}, {os.cpu_count()} CPUs", flush=True)
     rows = []
     for arch in filter(None, args.archs.split(",")):
         for head in args.heads.split(","):
-            rows.append(bench_jax(arch, head, args.size, args.batch, args.steps))
+            rows.append(bench_jax(arch, head, args.size, args.batch, args.steps, args.dtype))
             print(rows[-1], flush=True)
     if rows:
         print_rows(rows)
-    if args.torch == "on" or (args.torch == "auto" and importlib.util.find_spec("torch") is not None):
+    if versus_torch:
         versus = bench_versus_torch(args.size, args.batch, args.steps)
         print(versus, flush=True)
         print_versus(versus)

@@ -1,13 +1,15 @@
 """Convolution and pooling pieces for the backbones and the GCP head, written so XLA:CPU runs them fast.
 
+Only the CPU lowering takes the special paths below; GPUs and TPUs keep XLA's native
+convolutions and pooling (cuDNN, the TPU's convolution units), which are already fast there.
+
 XLA's CPU backend differentiates a convolution's kernel by a convolution over batch-transposed
 copies of the activations, runs depthwise convolutions at a fraction of memory speed, and
 differentiates a max-pool through an index-packing select-and-gather; each costs far more than
 the arithmetic it does. Here 1×1 convolutions are matrix products whose kernel gradient
-contracts batch and space directly; depthwise convolutions are, on CPU, sums of k² strided
-views times their weights (one fused loop forward and for dx, a scan over offsets for the
-kernel gradient; other platforms keep their native kernels); the max-pool routes its gradient
-with strided compares. Values equal
+contracts batch and space directly; depthwise convolutions are sums of k² strided views times
+their weights (one fused loop forward and for dx, a scan over offsets for the kernel
+gradient); the max-pool routes its gradient with strided compares. Values equal
 `lax.conv_general_dilated` and `nn.max_pool` (gradient to the first maximum of each window, as
 PyTorch routes it).
 """
@@ -126,9 +128,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """`lax.conv_general_dilated` for Flax's `nn.Conv(conv_general_dilated=...)`, with fast special cases.
 
-    On NHWC input without dilation: a 1×1 unpadded kernel becomes a strided slice and a channel
-    matmul; a depthwise kernel (one input channel per group) becomes, on CPU, a weighted sum of
-    strided views. Every other convolution goes to `lax.conv_general_dilated` unchanged.
+    On CPU, for NHWC input without dilation: a 1×1 unpadded kernel becomes a strided slice and a
+    channel matmul; a depthwise kernel (one input channel per group) becomes a weighted sum of
+    strided views. Every other convolution, and every convolution on other platforms, goes to
+    `lax.conv_general_dilated` unchanged.
     """
     native = functools.partial(lax.conv_general_dilated, window_strides=window_strides, padding=padding,
                                lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
@@ -143,7 +146,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
     unpadded = isinstance(padding, str) or all(tuple(p) == (0, 0) for p in padding)  # a 1×1 window never pads
     if rhs.shape[:2] == (1, 1) and unpadded and feature_group_count == 1:
         sh, sw = window_strides
-        return _channel_matmul(lhs[:, ::sh, ::sw], rhs[0, 0], precision)
+        by_matmul = lambda lhs, rhs: _channel_matmul(lhs[:, ::sh, ::sw], rhs[0, 0], precision)
+        return lax.platform_dependent(lhs, rhs, cpu=by_matmul, default=native)
     if rhs.shape[2] == 1 and feature_group_count == lhs.shape[3] == rhs.shape[3]:
         if isinstance(padding, str):
             padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
@@ -157,18 +161,28 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def max_pool(x, window, strides, padding):
-    """Max-pool NHWC `x` (padding: ((top, bottom), (left, right)), padded with -inf).
-
-    Same values as `flax.linen.max_pool`; the gradient goes to the first maximum of each window
-    in row-major order.
-    """
+def _reduce_max(x, window, strides, padding):
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, *window, 1), (1, *strides, 1), ((0, 0), *padding, (0, 0)))
 
 
+def max_pool(x, window, strides, padding):
+    """Max-pool NHWC `x` (padding: ((top, bottom), (left, right)), padded with -inf).
+
+    Same values as `flax.linen.max_pool`. On CPU the gradient goes to the first maximum of each
+    window in row-major order; other platforms keep XLA's select-and-scatter.
+    """
+    first_max = lambda x: _max_pool_first_max(x, window, strides, padding)
+    native = lambda x: _reduce_max(x, window, strides, padding)
+    return lax.platform_dependent(x, cpu=first_max, default=native)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool_first_max(x, window, strides, padding):
+    return _reduce_max(x, window, strides, padding)
+
+
 def _max_pool_fwd(x, window, strides, padding):
-    y = max_pool(x, window, strides, padding)
+    y = _reduce_max(x, window, strides, padding)
     return y, (x, y)
 
 
@@ -185,4 +199,4 @@ def _max_pool_bwd(window, strides, padding, residuals, g):
     return (dxp[:, top:top + x.shape[1], left:left + x.shape[2]],)
 
 
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+_max_pool_first_max.defvjp(_max_pool_fwd, _max_pool_bwd)
