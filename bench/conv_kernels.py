@@ -1,0 +1,119 @@
+"""Each convolution of ResNet-50 alone: ours (XLA, through `gcp_jax.layers`) against PyTorch's.
+
+    python -m bench.conv_kernels                      # 448 px, batch 2, layer4 at stride 1 (~3 minutes)
+    python -m bench.conv_kernels --size 224 --batch 8
+
+Where the train-step gap to the PyTorch reference (`bench.train_step`) lives: for every distinct
+convolution of the ResNet-50 the GCP protocol trains (its shapes at `--size` and `--batch`,
+torchvision's v1.5 layout, layer4 at stride 1) the table gives the forward, the input gradient
+and the kernel gradient, in ms, for both frameworks, each the fastest of `--repeats` calls, and
+the model total (each time × how often the model has that convolution). The stem's input
+gradient is skipped (images need none). Our side is `gcp_jax.layers.conv_general_dilated`, as
+the models call it (1×1 kernels as matmuls on CPU); torch's is `nn.Conv2d` on NCHW tensors, as the
+reference recipe runs it, its gradients timed with `torch.autograd.grad` on a kept graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench.common import machine_line, print_table, time_call
+from gcp_jax import layers
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+PARTS = ("fwd", "dx", "dw")
+
+
+def resnet50_convolutions(size: int, last_stride: int = 1) -> collections.Counter:
+    """Counter of (side, in channels, out channels, kernel, stride) over ResNet-50 v1.5's convolutions."""
+    convs = collections.Counter({(size, 3, 64, 7, 2): 1})
+    side, cin = size // 4, 64
+    for stage, (blocks, planes) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512))):
+        for block in range(blocks):
+            stride = 1 if stage == 0 or block > 0 else (last_stride if stage == 3 else 2)
+            convs[(side, cin, planes, 1, 1)] += 1
+            convs[(side, planes, planes, 3, stride)] += 1
+            convs[(side // stride, planes, 4 * planes, 1, 1)] += 1
+            if block == 0:
+                convs[(side, cin, 4 * planes, 1, stride)] += 1
+            side, cin = side // stride, 4 * planes
+    return convs
+
+
+def jax_times(batch, side, cin, cout, kernel, stride, repeats):
+    """Fastest seconds of forward, input gradient and kernel gradient, each jitted alone."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch, side, side, cin)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)) / np.sqrt(kernel * kernel * cin), jnp.float32)
+    pad = ((kernel // 2, kernel // 2),) * 2
+
+    def conv(x, w):
+        return layers.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=NHWC)
+
+    g = jnp.ones(jax.eval_shape(conv, x, w).shape, jnp.float32)
+    grad = lambda i: jax.jit(lambda x, w, g: jax.vjp(conv, x, w)[1](g)[i])  # the forward is dead code: DCE'd
+    return (
+        time_call(jax.jit(conv), x, w, repeats=repeats),
+        None if cin == 3 else time_call(grad(0), x, w, g, repeats=repeats),
+        time_call(grad(1), x, w, g, repeats=repeats),
+    )
+
+
+def torch_times(batch, side, cin, cout, kernel, stride, repeats):
+    """The same three for torch's nn.Conv2d (NCHW), gradients from one kept graph."""
+    import torch  # pylint: disable=g-import-not-at-top
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    conv = torch.nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False)
+    x = torch.randn(batch, cin, side, side, requires_grad=cin != 3)
+    y = conv(x)
+    g = torch.ones_like(y)
+    with torch.no_grad():
+        fwd = time_call(conv, x, repeats=repeats)  # torch's CPU ops return when done
+    dx = None if cin == 3 else time_call(lambda: torch.autograd.grad(y, x, g, retain_graph=True), repeats=repeats)
+    dw = time_call(lambda: torch.autograd.grad(y, conv.weight, g, retain_graph=True), repeats=repeats)
+    return fwd, dx, dw
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=448)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    print(machine_line(), flush=True)
+    rows, totals = [], {"gcp_jax": np.zeros(3), "torch": np.zeros(3)}
+    for (side, cin, cout, kernel, stride), count in resnet50_convolutions(args.size).items():
+        shape = (args.batch, side, cin, cout, kernel, stride)
+        ours, theirs = jax_times(*shape, args.repeats), torch_times(*shape, args.repeats)
+        for name, times in (("gcp_jax", ours), ("torch", theirs)):
+            totals[name] += count * np.array([t or 0.0 for t in times])
+        ms = lambda t: "—" if t is None else f"{1e3 * t:.1f}"
+        rows.append(
+            [
+                f"{kernel}×{kernel}/{stride} {cin}→{cout} at {side}²",
+                count,
+                *(f"{ms(a)} / {ms(b)}" for a, b in zip(ours, theirs)),
+            ]
+        )
+        print(rows[-1], flush=True)
+    rows.append(
+        [
+            "model total (× count)",
+            "",
+            *(f"{1e3 * a:.0f} / {1e3 * b:.0f}" for a, b in zip(totals["gcp_jax"], totals["torch"])),
+        ]
+    )
+    ratio = totals["gcp_jax"].sum() / totals["torch"].sum()
+    rows.append(["time ratio ours / torch, all three", "", f"{ratio:.2f}", "", ""])
+    print_table([f"convolution (batch {args.batch})", "count", *(f"{p} ms ours / torch" for p in PARTS)], rows)
+
+
+if __name__ == "__main__":
+    main()
