@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import os
 
 import jax
@@ -87,6 +88,8 @@ def main():
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    if importlib.util.find_spec("torch") is None:
+        raise SystemExit("bench.conv_kernels compares with PyTorch: pip install torch==2.13.0 (the CPU build) first.")
     print(machine_line(), flush=True)
     rows, totals = [], {"gcp_jax": np.zeros(3), "torch": np.zeros(3)}
     for (side, cin, cout, kernel, stride), count in resnet50_convolutions(args.size).items():

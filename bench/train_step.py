@@ -368,7 +368,7 @@ def print_rows(rows: list[dict]) -> None:
             "step memory (GiB)",
             "spectral fwd+bwd (s)",
             "spectral share",
-            "compile (s)",
+            "set-up + compile (s)",
         ],
         [cells(r) for r in rows],
     )
