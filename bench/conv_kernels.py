@@ -1,6 +1,6 @@
 """Each convolution of ResNet-50 alone: ours (XLA, through `gcp_jax.layers`) against PyTorch's.
 
-    python -m bench.conv_kernels                      # 448 px, batch 2, layer4 at stride 1 (~3 minutes)
+    python -m bench.conv_kernels                      # 448 px, batch 2, layer4 at stride 1 (2 cores: ~20 s)
     python -m bench.conv_kernels --size 224 --batch 8
 
 Where the train-step gap to the PyTorch reference (`bench.train_step`) lives: for every distinct

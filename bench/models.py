@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bench.common import machine_line, print_table, time_call
+from bench.common import compiled_memory_bytes, machine_line, print_table, time_call
 from gcp_jax.models import create_model
 
 NUM_CLASSES = 200
@@ -64,11 +64,6 @@ def make_steps(model, tx):
     return jax.jit(forward), jax.jit(train_step, donate_argnums=0)
 
 
-def compiled_peak_bytes(compiled) -> int:
-    m = compiled.memory_analysis()
-    return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-
-
 def bench_one(arch, head, size, batch, repeats, last_stride):
     gcp = {"norm": "seb", "dim": 256}
     model = create_model(arch, num_classes=NUM_CLASSES, head=head, gcp=gcp, dropout_rate=0.0,
@@ -93,8 +88,8 @@ def bench_one(arch, head, size, batch, repeats, last_stride):
 
     train_s = time_call(run_train, repeats=repeats)
     return [arch, "gap" if head == "gap" else "gcp(seb)", size, batch, f"{1e3 * fwd_s / batch:.1f}",
-            f"{1e3 * train_s / batch:.1f}", f"{compiled_peak_bytes(fwd_compiled) / 2**20:.0f}",
-            f"{compiled_peak_bytes(train_compiled) / 2**20:.0f}"]
+            f"{1e3 * train_s / batch:.1f}", f"{compiled_memory_bytes(fwd_compiled) / 2**20:.0f}",
+            f"{compiled_memory_bytes(train_compiled) / 2**20:.0f}"]
 
 
 def main():

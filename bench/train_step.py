@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from bench.common import machine_line, print_table, time_call
+from bench.common import compiled_memory_bytes, machine_line, print_table, time_call
 from gcp_jax import linalg, models, pooling, sharding, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,13 +104,6 @@ def jax_step(arch: str, head: str, size: int, batch: int, dtype: str = "float32"
     return train_once, model, shapes, compiled
 
 
-def step_memory_gib(compiled) -> float:
-    """XLA's buffer assignment for one compiled step, in GiB (donated buffers counted once)."""
-    m = compiled.memory_analysis()
-    total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-    return total / 2**30
-
-
 def bench_jax(arch: str, head: str, size: int, batch: int, steps: int, dtype: str = "float32") -> dict:
     """Train-step seconds, memory (and spectral-head seconds) for one backbone/head."""
     norm = HEADS[head]
@@ -127,7 +120,7 @@ def bench_jax(arch: str, head: str, size: int, batch: int, steps: int, dtype: st
         "step_s": step_s,
         "images_per_s": batch / step_s,
         "compile_s": compile_s,
-        "memory_gib": step_memory_gib(compiled),
+        "memory_gib": compiled_memory_bytes(compiled) / 2**30,
         "spectral_s": None,
     }
     if norm is not None:
@@ -313,7 +306,7 @@ def bench_versus_torch(size: int, batch: int, steps: int) -> dict:
         memory["torch"] = peak / 2**30
         return step_s
 
-    memory = {"jax": step_memory_gib(compiled)}
+    memory = {"jax": compiled_memory_bytes(compiled) / 2**30}
     try:
         for _ in range(2):
             ours()
