@@ -71,9 +71,17 @@ def worker(root: str, cores: int, batch: int, repeats: int) -> dict:
 
     results = {}
     for name in SIZES:
-        cfg = {"name": "image_folder", "manual_dir": os.path.join(root, name), "train_split": "train",
-               "eval_split": "train", "image_size": 448, "resize_size": 512, "resize_mode": "shorter",
-               "random_crop": True, "shuffle_buffer": 1000}
+        cfg = {
+            "name": "image_folder",
+            "manual_dir": os.path.join(root, name),
+            "train_split": "train",
+            "eval_split": "train",
+            "image_size": 448,
+            "resize_size": 512,
+            "resize_mode": "shorter",
+            "random_crop": True,
+            "shuffle_buffer": 1000,
+        }
         train = data.train_batches(cfg, batch_size=batch, seed=0, process_index=0, process_count=1)
         steps = 2 * train.steps_per_epoch  # Long windows: prefetched batches matter less.
         for _ in range(3):  # Warm-up (tracing, autotuning).
@@ -87,15 +95,20 @@ def worker(root: str, cores: int, batch: int, repeats: int) -> dict:
         evals = data.eval_batches(cfg, batch_size=batch, process_index=0, process_count=1)
         for _ in evals:  # Warm-up pass.
             pass
-        results[name] = {"train": _timed(epochs, repeats),
-                         "eval": _timed(lambda: sum(len(b["mask"]) for b in evals), repeats)}
+        results[name] = {
+            "train": _timed(epochs, repeats),
+            "eval": _timed(lambda: sum(len(b["mask"]) for b in evals), repeats),
+        }
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cores", default=",".join(str(c) for c in sorted({1, len(os.sched_getaffinity(0))})),
-                        help="comma-separated core counts to pin the workers to")
+    parser.add_argument(
+        "--cores",
+        default=",".join(str(c) for c in sorted({1, len(os.sched_getaffinity(0))})),
+        help="comma-separated core counts to pin the workers to",
+    )
     parser.add_argument("--distinct", type=int, default=32, help="distinct images per size")
     parser.add_argument("--copies", type=int, default=8, help="copies of each (a bigger epoch, same work)")
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs / eval passes per measurement")
@@ -112,12 +125,30 @@ def main() -> None:
         kilobytes = write_folders(root, args.distinct, args.copies)
         rows = []
         for cores in (int(c) for c in args.cores.split(",")):
-            out = subprocess.run([sys.executable, __file__, "--worker", str(cores), "--root", root,
-                                  "--batch", str(args.batch), "--repeats", str(args.repeats)], env=env, check=True, capture_output=True, text=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    str(cores),
+                    "--root",
+                    root,
+                    "--batch",
+                    str(args.batch),
+                    "--repeats",
+                    str(args.repeats),
+                ],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             rows.append((cores, json.loads(out.stdout.strip().splitlines()[-1])))
 
-    print(f"\n448-px crops, batch {args.batch}, {os.cpu_count()} CPUs ({_cpu_name()}); img/s: wall-clock rate "
-          f"(median of {args.repeats}); per CPU-s: images per second of CPU time the process used (all threads)\n")
+    print(
+        f"\n448-px crops, batch {args.batch}, {os.cpu_count()} CPUs ({_cpu_name()}); img/s: wall-clock rate "
+        f"(median of {args.repeats}); per CPU-s: images per second of CPU time the process used (all threads)\n"
+    )
     print("| source JPEG | pipeline | cores | img/s | img per CPU-s |")
     print("|---|---|---|---|---|")
     for cores, results in rows:

@@ -52,8 +52,9 @@ def make_steps(model, tx):
         variables, opt_state = state
 
         def loss_fn(params):
-            logits, updates = model.apply({**variables, "params": params}, images, train=True,
-                                          rngs={"dropout": key}, mutable=["batch_stats"])
+            logits, updates = model.apply(
+                {**variables, "params": params}, images, train=True, rngs={"dropout": key}, mutable=["batch_stats"]
+            )
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
 
         (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
@@ -66,8 +67,14 @@ def make_steps(model, tx):
 
 def bench_one(arch, head, size, batch, repeats, last_stride):
     gcp = {"norm": "seb", "dim": 256}
-    model = create_model(arch, num_classes=NUM_CLASSES, head=head, gcp=gcp, dropout_rate=0.0,
-                         last_stride=last_stride if arch.startswith("resnet") else 2)
+    model = create_model(
+        arch,
+        num_classes=NUM_CLASSES,
+        head=head,
+        gcp=gcp,
+        dropout_rate=0.0,
+        last_stride=last_stride if arch.startswith("resnet") else 2,
+    )
     tx = optax.sgd(3e-3, momentum=0.9)
     variables = jax.device_put(random_variables(model, size))
     images = jnp.asarray(np.random.default_rng(1).normal(size=(batch, size, size, 3)), jnp.float32)
@@ -87,9 +94,16 @@ def bench_one(arch, head, size, batch, repeats, last_stride):
         return loss
 
     train_s = time_call(run_train, repeats=repeats)
-    return [arch, "gap" if head == "gap" else "gcp(seb)", size, batch, f"{1e3 * fwd_s / batch:.1f}",
-            f"{1e3 * train_s / batch:.1f}", f"{compiled_memory_bytes(fwd_compiled) / 2**20:.0f}",
-            f"{compiled_memory_bytes(train_compiled) / 2**20:.0f}"]
+    return [
+        arch,
+        "gap" if head == "gap" else "gcp(seb)",
+        size,
+        batch,
+        f"{1e3 * fwd_s / batch:.1f}",
+        f"{1e3 * train_s / batch:.1f}",
+        f"{compiled_memory_bytes(fwd_compiled) / 2**20:.0f}",
+        f"{compiled_memory_bytes(train_compiled) / 2**20:.0f}",
+    ]
 
 
 def main():
@@ -101,8 +115,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--last_stride", type=int, default=2, help="ResNet layer4 stride (1 = the GCP protocol).")
     args = parser.parse_args()
-    print(f"# {machine_line()}; batch {args.batch}, fastest of {args.repeats}; "
-          "gcp = 256-d reduction + SEB (exact grad, float32)")
+    print(
+        f"# {machine_line()}; batch {args.batch}, fastest of {args.repeats}; "
+        "gcp = 256-d reduction + SEB (exact grad, float32)"
+    )
     rows = []
     for arch in args.archs:
         for size in args.sizes:
@@ -110,8 +126,19 @@ def main():
                 start = time.perf_counter()
                 rows.append(bench_one(arch, head, size, args.batch, args.repeats, args.last_stride))
                 print(f"# {arch} {head} {size}px done in {time.perf_counter() - start:.0f} s", flush=True)
-    print_table(["arch", "head", "px", "batch", "forward ms/img", "train step ms/img", "forward peak MiB",
-                 "train step peak MiB"], rows)
+    print_table(
+        [
+            "arch",
+            "head",
+            "px",
+            "batch",
+            "forward ms/img",
+            "train step ms/img",
+            "forward peak MiB",
+            "train step peak MiB",
+        ],
+        rows,
+    )
 
 
 if __name__ == "__main__":

@@ -62,8 +62,17 @@ def spectral_table(batches, dtypes, repeats):
                 tf = time_call(forward, a, repeats=repeats)
                 tb = time_call(backward, a, weights, repeats=repeats)
                 base_f, base_b = base_f or tf, base_b or tb
-                rows.append((jnp.dtype(dtype).name, batch, name, f"{tf * 1e3:.1f}", f"{tf / base_f:.2f}",
-                             f"{tb * 1e3:.1f}", f"{tb / base_b:.2f}"))
+                rows.append(
+                    (
+                        jnp.dtype(dtype).name,
+                        batch,
+                        name,
+                        f"{tf * 1e3:.1f}",
+                        f"{tf / base_f:.2f}",
+                        f"{tb * 1e3:.1f}",
+                        f"{tb / base_b:.2f}",
+                    )
+                )
                 print(*rows[-1], sep="  ", flush=True)  # progress: the table comes at the end
     print_table(("dtype", "batch", "function", "fwd ms", "fwd ×", "fwd+bwd ms", "fwd+bwd ×"), rows)
 
@@ -102,7 +111,9 @@ def reference_seb_layer(x32, weights):
     g_q = g * (1 + c)[:, None, None]
     g_u = (g_q + np.swapaxes(g_q, 1, 2)) @ (u * np.sqrt(s)[:, None, :])
     w = (1 - 2 * s) * np.exp(-2 * s)
-    g_s = np.einsum("bii->bi", ut @ g_q @ u) / (2 * np.sqrt(s)) + g_c[:, None] * w / (2 * np.maximum(c, 1e-300))[:, None]
+    g_s = (
+        np.einsum("bii->bi", ut @ g_q @ u) / (2 * np.sqrt(s)) + g_c[:, None] * w / (2 * np.maximum(c, 1e-300))[:, None]
+    )
     with np.errstate(divide="ignore"):
         k = 1.0 / (s[:, :, None] - s[:, None, :])
     k[:, np.arange(len(s[0])), np.arange(len(s[0]))] = 0.0
@@ -137,8 +148,10 @@ def layer_table(repeats):
     _, g_ref = reference_seb_layer(x, weights)
     _, g_ours = ours(xj, wj)
     err = float(np.max(np.abs(np.asarray(g_ours) - g_ref)) / np.max(np.abs(g_ref)))
-    print_table(("GCP+SEB layer, [8,196,256] fwd+bwd", "ms", "speed-up vs reference"),
-                [(name, f"{t * 1e3:.1f}", f"{t_ref / t:.1f}×") for name, t in rows])
+    print_table(
+        ("GCP+SEB layer, [8,196,256] fwd+bwd", "ms", "speed-up vs reference"),
+        [(name, f"{t * 1e3:.1f}", f"{t_ref / t:.1f}×") for name, t in rows],
+    )
     print(f"max relative difference of ∂L/∂X, ours (float32, exact) vs reference: {err:.1e}")
 
 

@@ -281,8 +281,13 @@ def bench_versus_torch(size: int, batch: int, steps: int) -> dict:
     device = "cuda" if jax.default_backend() == "gpu" else "cpu"
     child = subprocess.Popen(
         [
-            sys.executable, "-m", "bench.train_step", "--torch-worker",
-            f"--size={size}", f"--batch={batch}", f"--torch-device={device}",
+            sys.executable,
+            "-m",
+            "bench.train_step",
+            "--torch-worker",
+            f"--size={size}",
+            f"--batch={batch}",
+            f"--torch-device={device}",
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -369,8 +374,14 @@ def print_versus(r: dict) -> None:
         "torch": f"PyTorch reference recipe (float64 SVD, ordinary-K backward; {where})",
     }
     rows = [
-        [name, r["size"], r["batch"], f"{r[f'{k}_images_per_s']:.2f}", f"{r[f'{k}_step_s']:.3f}",
-         "—" if np.isnan(r[f"{k}_memory_gib"]) else f"{r[f'{k}_memory_gib']:.2f}"]
+        [
+            name,
+            r["size"],
+            r["batch"],
+            f"{r[f'{k}_images_per_s']:.2f}",
+            f"{r[f'{k}_step_s']:.3f}",
+            "—" if np.isnan(r[f"{k}_memory_gib"]) else f"{r[f'{k}_memory_gib']:.2f}",
+        ]
         for k, name in names.items()
     ]
     ratio = r["jax_images_per_s"] / r["torch_images_per_s"]

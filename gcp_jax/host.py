@@ -37,8 +37,9 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     # M_TRIM_THRESHOLD takes an int that glibc reads as size_t: -1 means never.
-    return all(mallopt(param, value) == 1 for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0),
-                                                               (_M_TRIM_THRESHOLD, -1)))
+    return all(
+        mallopt(param, value) == 1 for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
+    )
 
 
 def tune_cpu_host() -> bool:

@@ -40,8 +40,9 @@ def _channel_matmul_bwd(precision, residuals, g):
     x, kernel = residuals
     dx = lax.dot_general(g, kernel, (((3,), (1,)), ((), ())), precision=precision)
     # As one [N·H·W, C]ᵀ [N·H·W, D] product: XLA:CPU then reads both operands in place.
-    dkernel = lax.dot_general(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), (((0,), (0,)), ((), ())),
-                              precision=precision)
+    dkernel = lax.dot_general(
+        x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), (((0,), (0,)), ((), ())), precision=precision
+    )
     return dx, dkernel
 
 
@@ -51,8 +52,9 @@ _channel_matmul.defvjp(_channel_matmul_fwd, _channel_matmul_bwd)
 def _strided_view(xp, offset, out_hw, strides):
     """xp[:, i + s·h, j + s·w, :] for h, w < out_hw: the input that window offset (i, j) meets at each output."""
     (i, j), (ho, wo), (sh, sw) = offset, out_hw, strides
-    return lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, xp.shape[3]),
-                     (1, sh, sw, 1))
+    return lax.slice(
+        xp, (0, i, j, 0), (xp.shape[0], i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, xp.shape[3]), (1, sh, sw, 1)
+    )
 
 
 def _unview(values, offset, padded_hw, strides):
@@ -70,8 +72,10 @@ def _window_offsets(window):
 def _weighted_views(xp, kernel, out_hw, strides):
     """Σ_(i,j) view_(i,j)(xp) · kernel[i, j, 0], accumulated in float32 at least (as a convolution's products are)."""
     acc = jnp.promote_types(xp.dtype, jnp.float32)
-    return sum(_strided_view(xp, offset, out_hw, strides).astype(acc) * kernel[offset][0].astype(acc)
-               for offset in _window_offsets(kernel.shape[:2]))
+    return sum(
+        _strided_view(xp, offset, out_hw, strides).astype(acc) * kernel[offset][0].astype(acc)
+        for offset in _window_offsets(kernel.shape[:2])
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -114,8 +118,10 @@ def _depthwise_bwd(strides, padding, residuals, g):
     g = g.astype(acc)
     dkernel = _depthwise_kernel_grad(xp, g, kernel.shape[:2], strides)
     # g dilated to (out - 1)·s + 1 rows; (k - 1 - lo) zeros before, so that row h meets g's rows (h + lo - i) / s.
-    edges = [(k - 1 - lo, n - ((m - 1) * s + 1) + lo, s - 1)
-             for k, (lo, _), n, m, s in zip(kernel.shape[:2], padding, x.shape[1:3], g.shape[1:3], strides)]
+    edges = [
+        (k - 1 - lo, n - ((m - 1) * s + 1) + lo, s - 1)
+        for k, (lo, _), n, m, s in zip(kernel.shape[:2], padding, x.shape[1:3], g.shape[1:3], strides)
+    ]
     gp = lax.pad(g, jnp.zeros((), acc), ((0, 0, 0), *edges, (0, 0, 0)))
     dx = _weighted_views(gp, jnp.flip(kernel, (0, 1)), x.shape[1:3], (1, 1))
     return dx.astype(x.dtype), dkernel.reshape(kernel.shape).astype(kernel.dtype)
@@ -124,8 +130,19 @@ def _depthwise_bwd(strides, padding, residuals, g):
 _depthwise_by_views.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    *,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+    **kwargs,
+):
     """`lax.conv_general_dilated` for Flax's `nn.Conv(conv_general_dilated=...)`, with fast special cases.
 
     On CPU, for NHWC input without dilation: a 1×1 unpadded kernel becomes a strided slice and a
@@ -133,13 +150,20 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, *, lhs_dilation=None
     strided views. Every other convolution, and every convolution on other platforms, goes to
     `lax.conv_general_dilated` unchanged.
     """
-    native = functools.partial(lax.conv_general_dilated, window_strides=window_strides, padding=padding,
-                               lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-                               dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-                               precision=precision, **kwargs)
+    native = functools.partial(
+        lax.conv_general_dilated,
+        window_strides=window_strides,
+        padding=padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        precision=precision,
+        **kwargs,
+    )
     nhwc = dimension_numbers is not None and lax.conv_dimension_numbers(
-        lhs.shape, rhs.shape, dimension_numbers) == lax.conv_dimension_numbers(lhs.shape, rhs.shape,
-                                                                               ("NHWC", "HWIO", "NHWC"))
+        lhs.shape, rhs.shape, dimension_numbers
+    ) == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
     unit = lambda d: d is None or all(v == 1 for v in d)
     if rhs.ndim != 4 or not nhwc or not unit(lhs_dilation) or not unit(rhs_dilation) or kwargs:
         return native(lhs, rhs)
@@ -196,7 +220,7 @@ def _max_pool_bwd(window, strides, padding, residuals, g):
         routed = routed | first
         dxp = dxp + _unview(jnp.where(first, g, 0).astype(x.dtype), offset, xp.shape[1:3], strides)
     (top, _), (left, _) = padding
-    return (dxp[:, top:top + x.shape[1], left:left + x.shape[2]],)
+    return (dxp[:, top : top + x.shape[1], left : left + x.shape[2]],)
 
 
 _max_pool_first_max.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -205,7 +205,7 @@ class _Eigen(NamedTuple):
     trunc_threshold: float
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pade_coefficients():
     """[50/50] Padé approximant of the degree-100 Taylor series of 1/(1−x), as SVD-Padé builds it.
 

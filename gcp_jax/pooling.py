@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -100,7 +101,9 @@ def gcp_head_from_config(cfg: Mapping[str, Any], **overrides) -> GCPHead:
     cfg = {**dict(cfg), **overrides}
     unknown = set(cfg) - set(_HEAD_FIELDS) - set(_GRAD_OPTS)
     if unknown:
-        raise ValueError(f"Unknown gcp config field(s) {sorted(unknown)}; known: {', '.join(_HEAD_FIELDS + _GRAD_OPTS)}.")
+        raise ValueError(
+            f"Unknown gcp config field(s) {sorted(unknown)}; known: {', '.join(_HEAD_FIELDS + _GRAD_OPTS)}."
+        )
     norm = cfg.get("norm", "seb")
     if norm not in NORMS:
         raise ValueError(f"gcp.norm={norm!r} is not one of {', '.join(NORMS)}.")
@@ -119,4 +122,6 @@ def gcp_head_from_config(cfg: Mapping[str, Any], **overrides) -> GCPHead:
     if not opts.get("topn"):
         opts.pop("topn", None)
     fields = {k: cfg[k] for k in ("dim", "eps", "isqrt_iters") if k in cfg}
-    return GCPHead(norm=norm, grad=grad, seb_variant=variant, dtype=dtype, grad_opts=tuple(sorted(opts.items())), **fields)
+    return GCPHead(
+        norm=norm, grad=grad, seb_variant=variant, dtype=dtype, grad_opts=tuple(sorted(opts.items())), **fields
+    )

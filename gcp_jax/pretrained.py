@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import h5py
 import jax
@@ -91,8 +92,10 @@ def _read_keras3(f, path) -> dict[str, list[tuple[str, np.ndarray]]]:
     def visit(name, obj):
         if isinstance(obj, h5py.Group) and name.endswith("vars") and len(obj):
             if "name" not in obj.attrs:
-                raise ValueError(f"{path}: group {name!r} has no layer name (an early Keras 3 file); "
-                                 "load it in a recent Keras 3 and save it again.")
+                raise ValueError(
+                    f"{path}: group {name!r} has no layer name (an early Keras 3 file); "
+                    "load it in a recent Keras 3 and save it again."
+                )
             layer = obj.attrs["name"]
             layer = layer.decode("utf8") if isinstance(layer, bytes) else str(layer)
             layers[layer] = [(f"{name}/{i}", np.asarray(obj[str(i)])) for i in range(len(obj))]
@@ -123,12 +126,17 @@ def _check_keras_normalization(layers, path) -> None:
     """
     for name in [n for n in layers if n.split("_")[0] == "normalization"]:
         mean, var = (np.asarray(a, np.float64).reshape(-1) for _, a in layers.pop(name)[:2])
-        imagenet = mean.shape == (3,) and np.allclose(mean, IMAGENET_MEAN, atol=1e-4) and (
-            np.allclose(var, IMAGENET_STD, atol=1e-4) or np.allclose(var, IMAGENET_STD**2, atol=1e-4))
+        imagenet = (
+            mean.shape == (3,)
+            and np.allclose(mean, IMAGENET_MEAN, atol=1e-4)
+            and (np.allclose(var, IMAGENET_STD, atol=1e-4) or np.allclose(var, IMAGENET_STD**2, atol=1e-4))
+        )
         if not imagenet:
-            raise ValueError(f"{path}: input layer {name!r} normalises with mean {mean.round(4).tolist()} and "
-                             f"variance {var.round(4).tolist()}, not ImageNet's, but gcp_jax models take "
-                             "(x/255 − ImageNet mean)/std images, so these weights would see wrong inputs.")
+            raise ValueError(
+                f"{path}: input layer {name!r} normalises with mean {mean.round(4).tolist()} and "
+                f"variance {var.round(4).tolist()}, not ImageNet's, but gcp_jax models take "
+                "(x/255 − ImageNet mean)/std images, so these weights would see wrong inputs."
+            )
 
 
 def _keras_layer(module: tuple) -> str:
@@ -151,16 +159,19 @@ def _keras_tensors(path, arch):
         tensors = layers.pop(layer)
         if len(tensors) != len(keys):
             names = ", ".join(n for n, _ in tensors)
-            raise ValueError(f"{path}: layer {layer!r} has {len(tensors)} tensors ({names}), {arch} needs "
-                             f"{len(keys)}; the file is probably for another architecture.")
+            raise ValueError(
+                f"{path}: layer {layer!r} has {len(tensors)} tensors ({names}), {arch} needs "
+                f"{len(keys)}; the file is probably for another architecture."
+            )
         for key, (name, array) in zip(keys, tensors):
             if module[-1] == "dwconv":  # Keras depthwise [k, k, C, 1] → Flax grouped conv [k, k, 1, C]
                 array = array.transpose(0, 1, 3, 2)
             out[key] = (name, array)
     if layers:
         name = next(iter(layers.values()))[0][0]
-        raise ValueError(f"{path}: tensor {name!r} has no place in {arch}; the file is probably for another "
-                         "architecture.")
+        raise ValueError(
+            f"{path}: tensor {name!r} has no place in {arch}; the file is probably for another architecture."
+        )
     return leaves, out
 
 
@@ -176,8 +187,10 @@ def _read_torch(path) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError:
-        raise ImportError(f"Reading {path} needs torch (pip install 'gcp-jax[torch]'); or convert it to "
-                          ".safetensors, which needs no torch.") from None
+        raise ImportError(
+            f"Reading {path} needs torch (pip install 'gcp-jax[torch]'); or convert it to "
+            ".safetensors, which needs no torch."
+        ) from None
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict (save model.state_dict()).")
@@ -189,8 +202,10 @@ def _torch_key(key: tuple) -> str:
     module = key[1:-1]
     if module == ("classifier",):
         return f"fc.{_TORCH_LEAF[key[-1]]}"
-    names = [m.replace("_", ".").replace("downsample.conv", "downsample.0").replace("downsample.bn", "downsample.1")
-             for m in module[1:]]
+    names = [
+        m.replace("_", ".").replace("downsample.conv", "downsample.0").replace("downsample.bn", "downsample.1")
+        for m in module[1:]
+    ]
     return ".".join(names + [_TORCH_LEAF[key[-1]]])
 
 
@@ -213,8 +228,10 @@ def _torch_tensors(path, arch):
             array = array.T
         out[key] = (name, array)
     if state:
-        raise ValueError(f"{path}: tensor {next(iter(state))!r} has no place in {arch}; the file is probably for "
-                         "another architecture.")
+        raise ValueError(
+            f"{path}: tensor {next(iter(state))!r} has no place in {arch}; the file is probably for "
+            "another architecture."
+        )
     return leaves, out
 
 
@@ -228,8 +245,10 @@ def _reader(path: str, arch: str) -> Callable:
         raise FileNotFoundError(f"Pretrained weight file {path!r} does not exist.")
     if arch in EFFICIENTNET_PARAMS:
         if not path.endswith(KERAS_SUFFIXES):
-            raise ValueError(f"{arch} loads Keras HDF5 weight files (.h5; a .keras archive holds one as "
-                             f"model.weights.h5), got {path!r}.")
+            raise ValueError(
+                f"{arch} loads Keras HDF5 weight files (.h5; a .keras archive holds one as "
+                f"model.weights.h5), got {path!r}."
+            )
         return _keras_tensors
     if arch in RESNET_PARAMS:
         if not path.endswith(TORCH_SUFFIXES + (".safetensors",)):
@@ -249,8 +268,10 @@ def load_pretrained(path: str, arch: str) -> dict[str, Any]:
     flat = {}
     for key, (name, array) in tensors.items():
         if array.shape != leaves[key].shape:
-            raise ValueError(f"{path}: tensor {name!r} has shape {array.shape}, {arch} needs {leaves[key].shape}; "
-                             "the file is probably for another architecture.")
+            raise ValueError(
+                f"{path}: tensor {name!r} has shape {array.shape}, {arch} needs {leaves[key].shape}; "
+                "the file is probably for another architecture."
+            )
         flat[key] = np.asarray(array, np.float32)
     return traverse_util.unflatten_dict(flat)
 
@@ -265,8 +286,9 @@ class PretrainedReport:
 
     def __str__(self):
         fresh = sorted({"/".join(s.split("/")[1:3]) for s in self.skipped})
-        return (f"Loaded {len(self.loaded)} tensors from {self.path}; kept {len(self.skipped)} at their fresh init"
-                + (f" ({', '.join(fresh)})." if fresh else "."))
+        return f"Loaded {len(self.loaded)} tensors from {self.path}; kept {len(self.skipped)} at their fresh init" + (
+            f" ({', '.join(fresh)})." if fresh else "."
+        )
 
 
 def init_from_pretrained(variables, path: str, arch: str):
@@ -280,18 +302,23 @@ def init_from_pretrained(variables, path: str, arch: str):
     target = traverse_util.flatten_dict(unfreeze(variables))
     for key in source:
         if key[1] == "backbone" and key not in target:
-            raise ValueError(f"{path}: tensor {'/'.join(key)} has no place in the model; was it built with "
-                             f"arch={arch!r}?")
+            raise ValueError(
+                f"{path}: tensor {'/'.join(key)} has no place in the model; was it built with arch={arch!r}?"
+            )
     out, loaded, skipped = dict(target), [], []
     for key, value in target.items():
         name = "/".join(key)
         if key[1] == "backbone":
             if key not in source:
-                raise ValueError(f"{path}: tensor {name} of the model's backbone is not in the file; was the model "
-                                 f"built with arch={arch!r}?")
+                raise ValueError(
+                    f"{path}: tensor {name} of the model's backbone is not in the file; was the model "
+                    f"built with arch={arch!r}?"
+                )
             if source[key].shape != value.shape:
-                raise ValueError(f"{path}: tensor {name} has shape {source[key].shape} in the file and "
-                                 f"{value.shape} in the model; was the model built with arch={arch!r}?")
+                raise ValueError(
+                    f"{path}: tensor {name} has shape {source[key].shape} in the file and "
+                    f"{value.shape} in the model; was the model built with arch={arch!r}?"
+                )
         if key in source and source[key].shape == value.shape:
             out[key] = jnp.asarray(source[key], value.dtype)
             loaded.append(name)

@@ -45,9 +45,11 @@ def _examples(builder, split):
 
 
 def test_aircraft_levels_banner_and_boxes(tmp_path):
-    expected = {"variant": ["707-320", "Cessna 172", "F/A-18"],
-                "family": ["Boeing 707", "Cessna 172", "F/A-18"],
-                "manufacturer": ["Boeing", "Cessna", "McDonnell Douglas"]}
+    expected = {
+        "variant": ["707-320", "Cessna 172", "F/A-18"],
+        "family": ["Boeing 707", "Cessna 172", "F/A-18"],
+        "manufacturer": ["Boeing", "Cessna", "McDonnell Douglas"],
+    }
     for level, names in expected.items():
         builder = _prepare(f"fgvc_aircraft/{level}", tmp_path, AIRCRAFT_DUMMY)
         assert builder.info.features["label"].names == names

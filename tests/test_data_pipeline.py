@@ -19,9 +19,16 @@ HIGH = max((1 - m) / s for m, s in zip(preprocess.MEAN, preprocess.STD))
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
     """A tiny synthetic_fgvc: 3 classes, 8 train and 5 test images each, 20 px, cropped to 16."""
-    return dict(name="synthetic_fgvc", data_dir=str(tmp_path_factory.mktemp("tfds")), image_size=16,
-                resize_size=18, train_split="train", eval_split="test", shuffle_buffer=100,
-                synthetic=dict(num_classes=3, train_per_class=8, test_per_class=5, image_size=20))
+    return dict(
+        name="synthetic_fgvc",
+        data_dir=str(tmp_path_factory.mktemp("tfds")),
+        image_size=16,
+        resize_size=18,
+        train_split="train",
+        eval_split="test",
+        shuffle_buffer=100,
+        synthetic=dict(num_classes=3, train_per_class=8, test_per_class=5, image_size=20),
+    )
 
 
 def _train(cfg, n, **kwargs):
@@ -31,8 +38,7 @@ def _train(cfg, n, **kwargs):
 
 
 def _eval(cfg, batch_size, process_index=0, process_count=1):
-    return list(data.eval_batches(cfg, batch_size=batch_size, process_index=process_index,
-                                  process_count=process_count))
+    return list(data.eval_batches(cfg, batch_size=batch_size, process_index=process_index, process_count=process_count))
 
 
 def _key(image):
@@ -47,12 +53,29 @@ def test_import_does_not_load_tensorflow():
 
 def test_config_defaults_merging_and_errors():
     defaults = data.default_config()
-    assert {"name", "data_dir", "manual_dir", "image_size", "resize_size", "resize_mode", "random_crop",
-            "train_split", "eval_split", "shuffle_buffer", "on_corrupt", "cache", "synthetic"} <= set(defaults)
+    assert {
+        "name",
+        "data_dir",
+        "manual_dir",
+        "image_size",
+        "resize_size",
+        "resize_mode",
+        "random_crop",
+        "train_split",
+        "eval_split",
+        "shuffle_buffer",
+        "on_corrupt",
+        "cache",
+        "synthetic",
+    } <= set(defaults)
     merged = data.config.resolve({"image_size": 32, "synthetic": {"num_classes": 4}})
     assert merged.image_size == 32 and merged.synthetic.num_classes == 4 and merged.resize_size == 512
-    for bad, word in (({"imagesize": 3}, "imagesize"), ({"on_corrupt": "ignore"}, "on_corrupt"),
-                      ({"image_size": 600}, "resize_size"), ({"resize_mode": "crop"}, "resize_mode")):
+    for bad, word in (
+        ({"imagesize": 3}, "imagesize"),
+        ({"on_corrupt": "ignore"}, "on_corrupt"),
+        ({"image_size": 600}, "resize_size"),
+        ({"resize_mode": "crop"}, "resize_mode"),
+    ):
         with pytest.raises(ValueError, match=word):
             data.config.resolve(bad)
 
@@ -83,7 +106,7 @@ def test_train_batches_shapes_dtypes_ranges(cfg):
         assert set(batch) == {"image", "label"}
         assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.float32
         assert batch["label"].dtype == np.int32 and set(batch["label"]) <= {0, 1, 2}
-        assert LOW - 1e-5 <= batch["image"].min() and batch["image"].max() <= HIGH + 1e-5
+        assert batch["image"].min() >= LOW - 1e-5 and batch["image"].max() <= HIGH + 1e-5
 
 
 def test_train_order_is_seeded_and_resumes_exactly(cfg):
@@ -97,7 +120,7 @@ def test_train_order_is_seeded_and_resumes_exactly(cfg):
     for a, b in zip(run[7:], resumed):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
-    epoch0, epoch1 = (np.concatenate([b["label"] for b in run[k:k + 6]]) for k in (0, 6))
+    epoch0, epoch1 = (np.concatenate([b["label"] for b in run[k : k + 6]]) for k in (0, 6))
     assert sorted(epoch0) == sorted(epoch1) and not np.array_equal(epoch0, epoch1)
 
 
@@ -158,8 +181,14 @@ def _folder(root, layout):
 
 def test_image_folder_layouts(tmp_path):
     flat = _folder(tmp_path / "flat", {"": 5})
-    cfg = dict(name="image_folder", manual_dir=str(flat), image_size=16, resize_size=18,
-               train_split="train[:80%]", eval_split="train[80%:]")
+    cfg = dict(
+        name="image_folder",
+        manual_dir=str(flat),
+        image_size=16,
+        resize_size=18,
+        train_split="train[:80%]",
+        eval_split="train[80%:]",
+    )
     info = data.dataset_info(cfg)
     assert info.class_names == ("Boeing 707", "F-A 18") and (info.num_train, info.num_eval) == (8, 2)
     split = _folder(tmp_path / "split", {"train": 3, "test": 2})
@@ -173,8 +202,9 @@ def test_corrupt_images_are_skipped_counted_or_fatal(tmp_path):
     root = _folder(tmp_path / "imgs", {"train": 4, "test": 2})
     (root / "train" / "F-A 18" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     (root / "test" / "Boeing 707" / "broken.png").write_bytes(b"\x89PNG\r\n truncated")
-    cfg = dict(name="image_folder", manual_dir=str(root), image_size=16, resize_size=18,
-               train_split="train", eval_split="test")
+    cfg = dict(
+        name="image_folder", manual_dir=str(root), image_size=16, resize_size=18, train_split="train", eval_split="test"
+    )
     it, _ = _train(cfg, 4, batch_size=4)  # 9 files, 8 readable: 2 full epochs.
     assert it.steps_per_epoch == 2 and 1 <= it.num_skipped <= 2  # Once per epoch, unless it came last.
     evals = data.eval_batches(cfg, batch_size=4, process_index=0, process_count=1)

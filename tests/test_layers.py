@@ -29,10 +29,12 @@ def _conv_pair(kernel, stride, padding, groups=1, channels=6, features=4):
     x = jnp.asarray(rng.normal(size=(2, 9, 7, channels)))
     w = jnp.asarray(rng.normal(size=(kernel, kernel, channels // groups, features)))
     dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-    ours = lambda x, w: layers.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn,
-                                                    feature_group_count=groups)
-    ref = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn,
-                                                feature_group_count=groups)
+    ours = lambda x, w: layers.conv_general_dilated(
+        x, w, (stride, stride), padding, dimension_numbers=dn, feature_group_count=groups
+    )
+    ref = lambda x, w: lax.conv_general_dilated(
+        x, w, (stride, stride), padding, dimension_numbers=dn, feature_group_count=groups
+    )
     return x, w, ours, ref
 
 
@@ -41,9 +43,18 @@ DEPTHWISE = dict(groups=6, features=6)
 
 @pytest.mark.parametrize(
     "kernel,stride,padding,kind",
-    [(1, 1, ((0, 0), (0, 0)), {}), (1, 2, ((0, 0), (0, 0)), {}), (1, 2, "SAME", {}), (1, 3, "VALID", {}),
-     (3, 1, ((1, 1), (1, 1)), {}), (3, 2, "SAME", dict(groups=2)),
-     (3, 1, "SAME", DEPTHWISE), (3, 2, "SAME", DEPTHWISE), (5, 2, "SAME", DEPTHWISE), (5, 1, ((1, 3), (2, 0)), DEPTHWISE)],
+    [
+        (1, 1, ((0, 0), (0, 0)), {}),
+        (1, 2, ((0, 0), (0, 0)), {}),
+        (1, 2, "SAME", {}),
+        (1, 3, "VALID", {}),
+        (3, 1, ((1, 1), (1, 1)), {}),
+        (3, 2, "SAME", dict(groups=2)),
+        (3, 1, "SAME", DEPTHWISE),
+        (3, 2, "SAME", DEPTHWISE),
+        (5, 2, "SAME", DEPTHWISE),
+        (5, 1, ((1, 3), (2, 0)), DEPTHWISE),
+    ],
 )
 def test_conv_matches_lax_values_and_gradients(kernel, stride, padding, kind):
     x, w, ours, ref = _conv_pair(kernel, stride, padding, **kind)
@@ -58,8 +69,9 @@ def test_conv_matches_lax_values_and_gradients(kernel, stride, padding, kind):
 def test_other_layouts_go_to_lax():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 9, 7)))  # NCHW, lax's default layout
     w = jnp.asarray(np.random.default_rng(1).normal(size=(4, 6, 1, 1)))  # OIHW
-    np.testing.assert_allclose(layers.conv_general_dilated(x, w, (1, 1), "SAME"),
-                               lax.conv_general_dilated(x, w, (1, 1), "SAME"), rtol=1e-12)
+    np.testing.assert_allclose(
+        layers.conv_general_dilated(x, w, (1, 1), "SAME"), lax.conv_general_dilated(x, w, (1, 1), "SAME"), rtol=1e-12
+    )
 
 
 def test_bfloat16_depthwise_keeps_its_dtype_and_values():
@@ -99,8 +111,9 @@ def test_flax_conv_uses_it_with_the_same_parameters():
     x = jnp.ones((1, 8, 8, 3))
     conv = lambda **kw: nn.Conv(5, (1, 1), strides=2, use_bias=True, **kw)
     params = conv().init(jax.random.key(0), x)
-    np.testing.assert_allclose(conv(conv_general_dilated=layers.conv_general_dilated).apply(params, x),
-                               conv().apply(params, x), rtol=1e-12)
+    np.testing.assert_allclose(
+        conv(conv_general_dilated=layers.conv_general_dilated).apply(params, x), conv().apply(params, x), rtol=1e-12
+    )
 
 
 WINDOW, STRIDES, PADDING = (3, 3), (2, 2), ((1, 1), (1, 1))
@@ -159,8 +172,14 @@ FAULTS = textwrap.dedent(
 
 def test_keep_freed_memory_stops_refaulting_large_buffers():
     def second_allocation_faults(mode):
-        out = subprocess.run([sys.executable, "-c", FAULTS, mode], cwd=ROOT, capture_output=True, text=True,
-                             check=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+        out = subprocess.run(
+            [sys.executable, "-c", FAULTS, mode],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+        )
         return int(out.stdout.split()[-1])
 
     default = second_allocation_faults("default")  # glibc: mmap on allocation, unmap on free

@@ -302,7 +302,9 @@ def test_rank_deficient_float32_gradient_is_close_to_float64(x64):
 def test_each_sample_gradient_depends_on_that_sample_alone(x64, grad):
     """Permuting or splitting a batch changes no per-sample gradient (no batch-wide overflow fix)."""
     rng = np.random.default_rng(17)
-    x = np.stack([rng.normal(size=(10, 16)), np.zeros((10, 16)), rng.normal(size=(40, 16))[:10] * 3, rng.normal(size=(10, 16))])
+    x = np.stack(
+        [rng.normal(size=(10, 16)), np.zeros((10, 16)), rng.normal(size=(40, 16))[:10] * 3, rng.normal(size=(10, 16))]
+    )
     weights = rng.normal(size=(4, 16, 16))
     loss = pooled_loss("seb", grad, jnp.asarray(weights))
     whole = np.asarray(jax.grad(loss)(jnp.asarray(x)))

@@ -39,24 +39,36 @@ def test_parameter_counts_match_published(arch):
     assert num_params(shapes(create_model(arch, num_classes=1000, head="gap"))) == PUBLISHED_PARAMS[arch]
 
 
-@pytest.mark.parametrize("arch, channels", [("efficientnet_b0", 1280), ("efficientnet_b2", 1408),
-                                            ("efficientnet_b5", 2048), ("efficientnet_b7", 2560),
-                                            ("resnet50", 2048), ("resnet101", 2048)])
+@pytest.mark.parametrize(
+    "arch, channels",
+    [
+        ("efficientnet_b0", 1280),
+        ("efficientnet_b2", 1408),
+        ("efficientnet_b5", 2048),
+        ("efficientnet_b7", 2560),
+        ("resnet50", 2048),
+        ("resnet101", 2048),
+    ],
+)
 def test_feature_maps_have_output_stride_32(arch, channels):
     model = create_model(arch, num_classes=3, head="gap")
-    features = jax.eval_shape(lambda v, x: model.apply(v, x, method=model.features), shapes(model),
-                              jnp.zeros((1, 64, 96, 3)))
+    features = jax.eval_shape(
+        lambda v, x: model.apply(v, x, method=model.features), shapes(model), jnp.zeros((1, 64, 96, 3))
+    )
     assert features.shape == (1, 2, 3, channels)
 
 
-@pytest.mark.parametrize("arch, size, last_stride, side", [("resnet50", 448, 1, 28), ("resnet50", 448, 2, 14),
-                                                            ("resnet_tiny", 64, 2, 4), ("resnet_tiny", 64, 1, 8)])
+@pytest.mark.parametrize(
+    "arch, size, last_stride, side",
+    [("resnet50", 448, 1, 28), ("resnet50", 448, 2, 14), ("resnet_tiny", 64, 2, 4), ("resnet_tiny", 64, 1, 8)],
+)
 def test_resnet_last_stride(arch, size, last_stride, side):
     model = create_model(arch, num_classes=3, head="gap", last_stride=last_stride)
     variables = shapes(model)
     assert num_params(variables) == num_params(shapes(create_model(arch, num_classes=3, head="gap")))
-    features = jax.eval_shape(lambda v, x: model.apply(v, x, method=model.features), variables,
-                              jnp.zeros((1, size, size, 3)))
+    features = jax.eval_shape(
+        lambda v, x: model.apply(v, x, method=model.features), variables, jnp.zeros((1, size, size, 3))
+    )
     assert features.shape[1:3] == (side, side)
 
 
@@ -100,8 +112,9 @@ def random_variables(model, size, seed=0):
 
 def loss_and_grads(model, variables, images, labels, rng):
     def loss(params):
-        logits, updates = model.apply({**variables, "params": params}, images, train=True, rngs={"dropout": rng},
-                                      mutable=["batch_stats"])
+        logits, updates = model.apply(
+            {**variables, "params": params}, images, train=True, rngs={"dropout": rng}, mutable=["batch_stats"]
+        )
         log_p = jax.nn.log_softmax(logits)
         return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=1)), updates
 
@@ -158,15 +171,18 @@ def test_every_arch_is_registered():
     assert set(ARCHS) == set(PUBLISHED_PARAMS) | {"resnet_tiny"}
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(arch="vgg16"), "Unknown arch 'vgg16'"),
-    (dict(head="max"), "Unknown head 'max'"),
-    (dict(dtype="float16"), "Backbone dtype 'float16'"),
-    (dict(last_stride=4), "last_stride must be 1 or 2"),
-    (dict(last_stride=1), "last_stride=1 applies to ResNets only"),
-    (dict(arch="resnet50", drop_connect_rate=0.2), "drop_connect_rate applies to EfficientNets only"),
-    (dict(gcp={"norm": "svd"}), "gcp.norm='svd'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(arch="vgg16"), "Unknown arch 'vgg16'"),
+        (dict(head="max"), "Unknown head 'max'"),
+        (dict(dtype="float16"), "Backbone dtype 'float16'"),
+        (dict(last_stride=4), "last_stride must be 1 or 2"),
+        (dict(last_stride=1), "last_stride=1 applies to ResNets only"),
+        (dict(arch="resnet50", drop_connect_rate=0.2), "drop_connect_rate applies to EfficientNets only"),
+        (dict(gcp={"norm": "svd"}), "gcp.norm='svd'"),
+    ],
+)
 def test_create_model_errors(kwargs, message):
     kwargs = {"arch": "efficientnet_b0", "num_classes": 3, **kwargs}
     with pytest.raises(ValueError, match=message):

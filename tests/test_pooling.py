@@ -59,7 +59,11 @@ def test_float64_without_x64_is_a_clear_error():
 def test_config_passes_gradient_options_and_rejects_bad_values():
     head = gcp_head_from_config({"norm": "sqrt", "grad": "taylor", "taylor_degree": 20, "topn": 0, "dim": 0})
     assert head.grad_opts == (("taylor_degree", 20),) and not head.dim
-    for bad, match in (({"norm": "svd"}, "gcp.norm"), ({"grad": "svd"}, "gcp.grad"), ({"dims": 4}, "Unknown gcp config")):
+    for bad, match in (
+        ({"norm": "svd"}, "gcp.norm"),
+        ({"grad": "svd"}, "gcp.grad"),
+        ({"dims": 4}, "Unknown gcp config"),
+    ):
         with pytest.raises(ValueError, match=match):
             gcp_head_from_config(bad)
 

@@ -52,14 +52,16 @@ def assert_close(ours, reference, rtol=1e-4):
 
 def keras_efficientnet(name, include_top=True):
     """A keras.applications EfficientNet with random weights, random BN statistics and ImageNet input stats."""
-    model = getattr(keras.applications, name)(weights=None, include_top=include_top,
-                                              input_shape=(SIZE, SIZE, 3), classifier_activation=None)
+    model = getattr(keras.applications, name)(
+        weights=None, include_top=include_top, input_shape=(SIZE, SIZE, 3), classifier_activation=None
+    )
     rng = np.random.default_rng(1)
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             c = layer.gamma.shape[0]
-            layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c), rng.normal(0, 0.1, c),
-                               rng.uniform(0.5, 1.5, c)])
+            layer.set_weights(
+                [rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c), rng.normal(0, 0.1, c), rng.uniform(0.5, 1.5, c)]
+            )
         elif isinstance(layer, keras.layers.Normalization):
             # weights=None leaves the Normalization layer at mean 0, variance 1: give it ImageNet's.
             layer.set_weights([MEAN, STD**2, np.array(0)])
@@ -101,8 +103,12 @@ def b0(tmp_path_factory):
     model = keras_efficientnet("EfficientNetB0")
     raw = raw_images()
     features = keras.Model(model.inputs, model.get_layer("top_activation").output)
-    files = {"keras3": str(d / "b0.weights.h5"), "tf_keras2": str(d / "efficientnetb0.h5"),
-             "notop": str(d / "efficientnetb0_notop.h5"), "keras3_legacy": str(d / "b0_full_model.h5")}
+    files = {
+        "keras3": str(d / "b0.weights.h5"),
+        "tf_keras2": str(d / "efficientnetb0.h5"),
+        "notop": str(d / "efficientnetb0_notop.h5"),
+        "keras3_legacy": str(d / "b0_full_model.h5"),
+    }
     model.save_weights(files["keras3"])
     write_tf_keras2_h5(model, files["tf_keras2"])
     write_tf_keras2_h5(model, files["notop"], include_top=False)
@@ -169,8 +175,11 @@ def test_keras_shape_mismatch_names_tensor(b0, tmp_path):
         f.create_dataset("stem_conv/stem_conv/kernel:0", data=np.zeros((3, 3, 3, 16), np.float32))
 
     path = copy_h5(b0["files"]["tf_keras2"], tmp_path / "bad.h5", edit)
-    with pytest.raises(ValueError, match=r"'stem_conv/kernel:0' has shape \(3, 3, 3, 16\), efficientnet_b0 needs "
-                                         r"\(3, 3, 3, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'stem_conv/kernel:0' has shape \(3, 3, 3, 16\), efficientnet_b0 needs "
+        r"\(3, 3, 3, 32\)",
+    ):
         pretrained.load_pretrained(path, "efficientnet_b0")
 
 
@@ -225,8 +234,9 @@ class TorchBottleneck(tnn.Module):
         self.bn3 = tnn.BatchNorm2d(4 * planes)
         self.downsample = None
         if stride != 1 or inplanes != 4 * planes:
-            self.downsample = tnn.Sequential(tnn.Conv2d(inplanes, 4 * planes, 1, stride=stride, bias=False),
-                                             tnn.BatchNorm2d(4 * planes))
+            self.downsample = tnn.Sequential(
+                tnn.Conv2d(inplanes, 4 * planes, 1, stride=stride, bias=False), tnn.BatchNorm2d(4 * planes)
+            )
 
     def forward(self, x):
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -294,8 +304,11 @@ def test_torch_errors_name_the_tensor(r50, tmp_path):
     with pytest.raises(ValueError, match="'layer3.5.bn2.running_var' that resnet50 needs is missing"):
         pretrained.load_pretrained(save_state(state, tmp_path / "a.safetensors"), "resnet50")
     state = dict(r50["state"], **{"layer2.0.conv2.weight": torch.zeros(128, 128, 1, 1)})
-    with pytest.raises(ValueError, match=r"'layer2.0.conv2.weight' has shape \(1, 1, 128, 128\), resnet50 needs "
-                                         r"\(3, 3, 128, 128\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'layer2.0.conv2.weight' has shape \(1, 1, 128, 128\), resnet50 needs "
+        r"\(3, 3, 128, 128\)",
+    ):
         pretrained.load_pretrained(save_state(state, tmp_path / "b.safetensors"), "resnet50")
     with pytest.raises(ValueError, match=r"'layer3\.\d+\.\w+\.\w+' that resnet101 needs is missing"):
         pretrained.load_pretrained(r50["files"]["safetensors"], "resnet101")
@@ -312,12 +325,13 @@ def zero_variables(model):
 
 def test_init_from_pretrained_keeps_fresh_head(r50):
     model = create_model("resnet50", num_classes=7, head="gcp", gcp={"dim": 16})
-    variables, report = pretrained.init_from_pretrained(zero_variables(model), r50["files"]["safetensors"],
-                                                        "resnet50")
-    np.testing.assert_array_equal(variables["params"]["backbone"]["conv1"]["kernel"],
-                                  r50["state"]["conv1.weight"].numpy().transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(variables["batch_stats"]["backbone"]["layer4_2"]["bn3"]["var"],
-                                  r50["state"]["layer4.2.bn3.running_var"].numpy())
+    variables, report = pretrained.init_from_pretrained(zero_variables(model), r50["files"]["safetensors"], "resnet50")
+    np.testing.assert_array_equal(
+        variables["params"]["backbone"]["conv1"]["kernel"], r50["state"]["conv1.weight"].numpy().transpose(2, 3, 1, 0)
+    )
+    np.testing.assert_array_equal(
+        variables["batch_stats"]["backbone"]["layer4_2"]["bn3"]["var"], r50["state"]["layer4.2.bn3.running_var"].numpy()
+    )
     assert not np.any(variables["params"]["head"]["reduce_conv"]["kernel"])
     assert not np.any(variables["params"]["classifier"]["kernel"])
     assert "params/classifier/kernel" in report.skipped and "params/head/reduce_conv/kernel" in report.skipped

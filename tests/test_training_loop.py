@@ -103,8 +103,8 @@ def test_nonfinite_steps_stop_the_run(data_dir, tmp_path, monkeypatch):
 
 def test_pretrained_backbone_is_loaded(data_dir, tmp_path):
     """config.model.pretrained: a torchvision-layout state dict of resnet_tiny fills the backbone."""
-    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
     from flax import traverse_util  # pylint: disable=g-import-not-at-top
+    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
     from gcp_jax import models, pretrained  # pylint: disable=g-import-not-at-top
 

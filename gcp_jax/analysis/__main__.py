@@ -34,7 +34,8 @@ def load_run(workdir, step=None):
         config = ml_collections.ConfigDict(json.load(f))
     run = training.Run(config)
     template = training.create_train_state(
-        training.init_variables(run.model, config.data.image_size, config.seed, run.mesh), run.tx, run.mesh)
+        training.init_variables(run.model, config.data.image_size, config.seed, run.mesh), run.tx, run.mesh
+    )
     checkpoints = checkpoint.Checkpoints(workdir, use_async=False)
     try:
         state, _ = checkpoints.restore(template, step)
@@ -58,16 +59,24 @@ def run_spectra(run, variables, args):
     summary = spectra.summarize(eigs, k=args.k)
     per_class = spectra.per_class_log_spectrum(eigs, labels, run.num_classes)
     report = {
-        "images": int(len(eigs)),
+        "images": len(eigs),
         "k": args.k,
         "mean": {name: float(np.mean(v)) for name, v in summary.items()},
         "median_condition": float(np.median(summary["condition"])),
         "per_class_mean_small_share": {
-            str(c): float(summary["small_share"][labels == c].mean()) for c in np.unique(labels)},
+            str(c): float(summary["small_share"][labels == c].mean()) for c in np.unique(labels)
+        },
     }
     _write_json(args.out, "spectra.json", report)
-    print(plots.plot_spectra(spectra.clamp(eigs), labels, per_class, os.path.join(args.out, "spectra.png"),
-                             class_names=run.info.class_names))
+    print(
+        plots.plot_spectra(
+            spectra.clamp(eigs),
+            labels,
+            per_class,
+            os.path.join(args.out, "spectra.png"),
+            class_names=run.info.class_names,
+        )
+    )
     print(json.dumps(report["mean"], indent=1))
 
 
@@ -77,8 +86,10 @@ def run_truncation(run, variables, args):
     if d is None:
         d = int(spectra.covariances(run.model, variables, batches[0]["image"][:1]).shape[-1])
     ns = args.ns or default_truncation_ns(d)
-    curves = {which: truncation.truncation_curve(run.model, variables, batches, ns, which, progress=print)
-              for which in truncation.WHICH}
+    curves = {
+        which: truncation.truncation_curve(run.model, variables, batches, ns, which, progress=print)
+        for which in truncation.WHICH
+    }
     _write_json(args.out, "truncation.json", {which: dict(points) for which, points in curves.items()})
     print(plots.plot_truncation(curves, os.path.join(args.out, "truncation.png"), baseline=curves["smallest"][0][1]))
 
@@ -107,8 +118,9 @@ COMMANDS = {"spectra": run_spectra, "truncation": run_truncation, "attribution":
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m gcp_jax.analysis", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m gcp_jax.analysis", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=sorted(COMMANDS))
     parser.add_argument("--workdir", required=True, help="a directory written by train.py")
     parser.add_argument("--out", help="output directory (default WORKDIR/analysis)")

@@ -64,8 +64,9 @@ def occlusion_maps(model, variables, image, label, rank, *, patch=None, stride=N
         occluded[n, i : i + patch, j : j + patch] = blurred[i : i + patch, j : j + patch]
     score = jax.jit(lambda x: part_scores(model, variables, x, label, rank))
     base = np.asarray(score(jnp.asarray(image)[None]))[0]
-    perturbed = np.concatenate([np.asarray(score(jnp.asarray(occluded[s : s + batch_size])))
-                                for s in range(0, len(corners), batch_size)])
+    perturbed = np.concatenate(
+        [np.asarray(score(jnp.asarray(occluded[s : s + batch_size]))) for s in range(0, len(corners), batch_size)]
+    )
     total, count = np.zeros((2, h, w)), np.zeros((h, w))
     for (i, j), s in zip(corners, perturbed):
         total[:, i : i + patch, j : j + patch] += (base - s)[:, None, None]

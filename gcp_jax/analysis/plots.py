@@ -7,8 +7,8 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
 IMAGENET_STD = np.array([0.229, 0.224, 0.225])
@@ -28,8 +28,11 @@ def plot_spectra(eigs, labels, class_log_spectrum, path, *, class_names=None, ma
     colours = plt.cm.tab10(np.asarray(labels) % 10)
     for e, colour in list(zip(eigs, colours))[:max_lines]:
         left.semilogy(ranks, e[::-1], color=colour, alpha=0.5, lw=0.8)
-    left.set(xlabel="eigenvalue rank (largest first)", ylabel="λ (clamped at ε·λ_max)",
-             title=f"per image ({min(len(eigs), max_lines)} shown)")
+    left.set(
+        xlabel="eigenvalue rank (largest first)",
+        ylabel="λ (clamped at ε·λ_max)",
+        title=f"per image ({min(len(eigs), max_lines)} shown)",
+    )
     for c, row in enumerate(class_log_spectrum):
         if np.all(np.isnan(row)):
             continue
@@ -61,8 +64,9 @@ def denormalize(image):
 def plot_attribution_grid(images, maps, path, *, titles=None):
     """One row per image: the image, then each map (name → [2, H, W]: large, small) overlaid."""
     columns = [(name, part) for name in maps[0] for part in range(2)]
-    fig, axes = plt.subplots(len(images), 1 + len(columns), figsize=(2.1 * (1 + len(columns)), 2.2 * len(images)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(images), 1 + len(columns), figsize=(2.1 * (1 + len(columns)), 2.2 * len(images)), squeeze=False
+    )
     for row, (image, image_maps) in enumerate(zip(images, maps)):
         rgb = denormalize(image)
         axes[row, 0].imshow(rgb)

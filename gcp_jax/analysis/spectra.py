@@ -12,7 +12,9 @@ from gcp_jax import linalg
 def require_gcp(model):
     """The analyses read the GCP head's covariance: a `gap` model has none."""
     if getattr(model, "head", None) is None:
-        raise ValueError("This analysis needs a model with the GCP head (model.head='gcp'), not global average pooling.")
+        raise ValueError(
+            "This analysis needs a model with the GCP head (model.head='gcp'), not global average pooling."
+        )
 
 
 def head_covariance(module, images):

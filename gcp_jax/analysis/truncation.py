@@ -32,8 +32,15 @@ def _truncated_logits(module, images, n, which):
     cov = head_covariance(module, images)
     if n:
         cov = truncate_spectrum(cov, n, which)
-    z = pooling.normalize(cov, norm=head.norm, grad=head.grad, seb_variant=head.seb_variant, eps=head.eps,
-                          isqrt_iters=head.isqrt_iters, **dict(head.grad_opts))
+    z = pooling.normalize(
+        cov,
+        norm=head.norm,
+        grad=head.grad,
+        seb_variant=head.seb_variant,
+        eps=head.eps,
+        isqrt_iters=head.isqrt_iters,
+        **dict(head.grad_opts),
+    )
     return module.classifier(linalg.triu_vec(z))
 
 

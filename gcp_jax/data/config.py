@@ -41,8 +41,10 @@ def resolve(cfg: Mapping[str, Any]) -> config_dict.ConfigDict:
     if out.resize_mode not in RESIZE_MODES:
         raise ValueError(f"data.resize_mode={out.resize_mode!r} is not one of {RESIZE_MODES}.")
     if not 0 < out.image_size <= out.resize_size:
-        raise ValueError(f"data.image_size={out.image_size} must be positive and at most "
-                         f"data.resize_size={out.resize_size}, the size the crop is taken from.")
+        raise ValueError(
+            f"data.image_size={out.image_size} must be positive and at most "
+            f"data.resize_size={out.resize_size}, the size the crop is taken from."
+        )
     if out.shuffle_buffer < 1:
         raise ValueError(f"data.shuffle_buffer={out.shuffle_buffer} must be at least 1 (1 = no shuffling).")
     for key, value in out.synthetic.items():

@@ -11,5 +11,7 @@ class CorruptImageError(ValueError):
 
 def missing_data_message(name: str, expected: str, manual_dir: str, source: str) -> str:
     """One message: which data set, which files, where to put them, where to get them."""
-    return (f"Data set {name!r} is not prepared and its files were not found: put {expected} in "
-            f"{manual_dir} (or point data.manual_dir at the folder holding them); get them from {source}.")
+    return (
+        f"Data set {name!r} is not prepared and its files were not found: put {expected} in "
+        f"{manual_dir} (or point data.manual_dir at the folder holding them); get them from {source}."
+    )

@@ -43,12 +43,24 @@ def dataset_info(cfg: Mapping[str, Any]) -> DatasetInfo:
     """Sizes and class names of the data set that `cfg` (config.data) names; prepares it if needed."""
     cfg = resolve(cfg)
     src = open_source(cfg)
-    return DatasetInfo(cfg.name, len(src.class_names), src.num_examples(cfg.train_split),
-                       src.num_examples(cfg.eval_split), src.class_names)
+    return DatasetInfo(
+        cfg.name,
+        len(src.class_names),
+        src.num_examples(cfg.train_split),
+        src.num_examples(cfg.eval_split),
+        src.class_names,
+    )
 
 
-def train_batches(cfg: Mapping[str, Any], *, batch_size: int, seed: int = 0, start_step: int = 0,
-                  process_index: int | None = None, process_count: int | None = None) -> TrainBatches:
+def train_batches(
+    cfg: Mapping[str, Any],
+    *,
+    batch_size: int,
+    seed: int = 0,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> TrainBatches:
     """Infinite iterator of {"image": float32 [b, S, S, 3], "label": int32 [b]}, b = batch_size (host-local).
 
     Epoch e is shuffled with (seed, e); `start_step` resumes exactly where an uninterrupted run
@@ -58,8 +70,9 @@ def train_batches(cfg: Mapping[str, Any], *, batch_size: int, seed: int = 0, sta
     return TrainBatches(resolve(cfg), batch_size, seed, start_step, *_process(process_index, process_count))
 
 
-def eval_batches(cfg: Mapping[str, Any], *, batch_size: int, process_index: int | None = None,
-                 process_count: int | None = None) -> EvalBatches:
+def eval_batches(
+    cfg: Mapping[str, Any], *, batch_size: int, process_index: int | None = None, process_count: int | None = None
+) -> EvalBatches:
     """Finite, re-iterable batches {"image", "label", "mask" (bool)} of the eval split.
 
     Every process yields the same number of batches; the last ones are padded, and over all
@@ -88,8 +101,10 @@ def _decode_resize(ds, resize_size: int, resize_mode: str):
     """Encoded examples → decoded (with "ok"), resized uint8 images."""
     tf = _tf.tf()
     ds = preprocess.decode(ds)
-    return ds.map(lambda ex: {**ex, "image": preprocess.resize(ex["image"], resize_size, resize_mode)},
-                  num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(
+        lambda ex: {**ex, "image": preprocess.resize(ex["image"], resize_size, resize_mode)},
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
 
 
 def _options(ds):
@@ -112,8 +127,10 @@ class TrainBatches(Iterator):
         num_train = self._src.num_examples(cfg.train_split)
         self.steps_per_epoch = num_train // (batch_size * process_count)
         if self.steps_per_epoch < 1:
-            raise ValueError(f"Split {cfg.train_split!r} of {cfg.name!r} has {num_train} examples, fewer than one "
-                             f"global batch ({batch_size} x {process_count} processes); use a smaller batch.")
+            raise ValueError(
+                f"Split {cfg.train_split!r} of {cfg.name!r} has {num_train} examples, fewer than one "
+                f"global batch ({batch_size} x {process_count} processes); use a smaller batch."
+            )
         self._shard = _tf.tfds().even_splits(cfg.train_split, n=process_count)[process_index]
         # Spare examples read after the epoch's own, in case corrupt ones leave it short.
         self._spares = max(batch_size, self._src.num_examples(self._shard) // 100)
@@ -145,8 +162,10 @@ class TrainBatches(Iterator):
                     self._note_skipped(before + int(batch["skipped"][-1]), batch["last_bad"][-1])
                     yield {"image": batch["image"], "label": batch["label"]}
                 if count == 0:
-                    raise ValueError(f"No decodable image in this process's part of {self._cfg.name!r} "
-                                     f"({self._cfg.train_split!r}); check the data set files.")
+                    raise ValueError(
+                        f"No decodable image in this process's part of {self._cfg.name!r} "
+                        f"({self._cfg.train_split!r}); check the data set files."
+                    )
                 if count < expected:
                     log.warning("Epoch %d had %d of %d batches: too many corrupt images.", epoch, count, expected)
                 upcoming = upcoming or starter.submit(self._start_epoch, epoch + 1, 0)
@@ -163,16 +182,19 @@ class TrainBatches(Iterator):
             return
         name = last_bad.decode(errors="replace")
         if self._cfg.on_corrupt == "fail":
-            raise CorruptImageError(f"Cannot decode image {name!r} of {self._cfg.name!r} ({self._cfg.train_split!r}); "
-                                    f"replace or delete it, or set data.on_corrupt='skip' to skip such images.")
+            raise CorruptImageError(
+                f"Cannot decode image {name!r} of {self._cfg.name!r} ({self._cfg.train_split!r}); "
+                f"replace or delete it, or set data.on_corrupt='skip' to skip such images."
+            )
         log.warning("Skipped corrupt image %r of %s (%d skipped so far).", name, self._cfg.name, total)
         self.num_skipped = total
 
     def _epoch(self, epoch: int, offset: int):
         """This process's batches of `epoch`, from batch `offset` on."""
         tf, cfg, size = _tf.tf(), self._cfg, self._cfg.image_size
-        file_seed, shuffle_seed, aug_seed = (_seed(self._seed, epoch, self._process, k)
-                                             for k in (_FILE_ORDER, _SHUFFLE, _AUGMENT))
+        file_seed, shuffle_seed, aug_seed = (
+            _seed(self._seed, epoch, self._process, k) for k in (_FILE_ORDER, _SHUFFLE, _AUGMENT)
+        )
         if self._cached is not None:
             ds = spares = self._cached
         else:
@@ -189,11 +211,18 @@ class TrainBatches(Iterator):
         def augment(ex):
             seed = tf.stack([tf.constant(aug_seed, tf.int64), ex["position"]])
             crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-            image = (preprocess.random_crop(ex["image"], size, crop_seed) if cfg.random_crop
-                     else preprocess.center_crop(ex["image"], size))
+            image = (
+                preprocess.random_crop(ex["image"], size, crop_seed)
+                if cfg.random_crop
+                else preprocess.center_crop(ex["image"], size)
+            )
             image = preprocess.random_flip(image, flip_seed)
-            return {"image": preprocess.normalize(image), "label": ex["label"], "skipped": ex["skipped"],
-                    "last_bad": ex["last_bad"]}
+            return {
+                "image": preprocess.normalize(image),
+                "label": ex["label"],
+                "skipped": ex["skipped"],
+                "last_bad": ex["last_bad"],
+            }
 
         ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
         return _options(ds.batch(self._batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
@@ -243,7 +272,8 @@ class EvalBatches:
                 if self._cfg.on_corrupt == "fail":
                     raise CorruptImageError(
                         f"Cannot decode image {names[0]!r} of {self._cfg.name!r} ({self._cfg.eval_split!r}); "
-                        f"replace or delete it, or set data.on_corrupt='skip' to leave such images out.")
+                        f"replace or delete it, or set data.on_corrupt='skip' to leave such images out."
+                    )
                 skipped += len(names)
                 log.warning("Left out corrupt eval image(s) %s of %s.", names, self._cfg.name)
             yield {"image": batch["image"], "label": batch["label"], "mask": batch["real"] & batch["ok"]}
@@ -251,34 +281,49 @@ class EvalBatches:
 
     def _dataset(self):
         tf, cfg, size = _tf.tf(), self._cfg, self._cfg.image_size
-        padding = tf.data.Dataset.from_tensors({
-            "image": tf.zeros([size, size, 3], tf.uint8), "label": tf.constant(0, tf.int32),
-            "file_name": tf.constant(""), "ok": tf.constant(True), "real": tf.constant(False),
-        }).repeat(self._num_batches * self._batch - self.num_examples)
+        padding = tf.data.Dataset.from_tensors(
+            {
+                "image": tf.zeros([size, size, 3], tf.uint8),
+                "label": tf.constant(0, tf.int32),
+                "file_name": tf.constant(""),
+                "ok": tf.constant(True),
+                "real": tf.constant(False),
+            }
+        ).repeat(self._num_batches * self._batch - self.num_examples)
         ds = padding
         if self.num_examples:
-            examples = _eval_examples(self._src, cfg.eval_split, self._process, self._count, size,
-                                      cfg.resize_size, cfg.resize_mode, cfg.cache)
+            examples = _eval_examples(
+                self._src, cfg.eval_split, self._process, self._count, size, cfg.resize_size, cfg.resize_mode, cfg.cache
+            )
             ds = examples.map(lambda ex: {**ex, "real": tf.constant(True)}).concatenate(padding)
-        ds = ds.map(lambda ex: {**ex, "image": preprocess.normalize(ex["image"])},
-                    num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda ex: {**ex, "image": preprocess.normalize(ex["image"])}, num_parallel_calls=tf.data.AUTOTUNE)
         return _options(ds.batch(self._batch).prefetch(tf.data.AUTOTUNE))
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_eval_examples(src: Source, split: str, process_index: int, process_count: int, size: int,
-                          resize_size: int, resize_mode: str):
+def _cached_eval_examples(
+    src: Source, split: str, process_index: int, process_count: int, size: int, resize_size: int, resize_mode: str
+):
     """The same, kept (with its in-memory cache) across evaluations."""
     return _eval_examples(src, split, process_index, process_count, size, resize_size, resize_mode, False).cache()
 
 
-def _eval_examples(src: Source, split: str, process_index: int, process_count: int, size: int,
-                   resize_size: int, resize_mode: str, cache: bool):
+def _eval_examples(
+    src: Source,
+    split: str,
+    process_index: int,
+    process_count: int,
+    size: int,
+    resize_size: int,
+    resize_mode: str,
+    cache: bool,
+):
     """Resized, centre-cropped uint8 examples of this process's part of `split`, in file order."""
     if cache:
         return _cached_eval_examples(src, split, process_index, process_count, size, resize_size, resize_mode)
     tf = _tf.tf()
     shard = _tf.tfds().even_splits(split, n=process_count)[process_index]
     ds = _decode_resize(src.read(shard, shuffle_files=False, seed=None), resize_size, resize_mode)
-    return ds.map(lambda ex: {**ex, "image": preprocess.center_crop(ex["image"], size)},
-                  num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(
+        lambda ex: {**ex, "image": preprocess.center_crop(ex["image"], size)}, num_parallel_calls=tf.data.AUTOTUNE
+    )

@@ -25,11 +25,17 @@ def decode(ds):
         # placeholder: take(1) yields the decoded image, or the placeholder when decoding failed.
         good = tf.data.Dataset.from_tensors(example).map(decode_one).ignore_errors()
         bad = tf.data.Dataset.from_tensors(
-            {**example, "image": tf.zeros([1, 1, 3], tf.uint8), "ok": tf.constant(False)})
+            {**example, "image": tf.zeros([1, 1, 3], tf.uint8), "ok": tf.constant(False)}
+        )
         return good.concatenate(bad).take(1)
 
-    return ds.interleave(try_decode, cycle_length=tf.data.AUTOTUNE, block_length=1,
-                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.interleave(
+        try_decode,
+        cycle_length=tf.data.AUTOTUNE,
+        block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
 
 
 def resize(image, size: int, mode: str):
@@ -47,8 +53,9 @@ def resize(image, size: int, mode: str):
         scale = size / tf.reduce_min(hw)
         target = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), size)
         shrink = scale < 1.0
-    out = tf.cond(shrink, lambda: tf.image.resize(image, target, antialias=True),
-                  lambda: tf.image.resize(image, target))
+    out = tf.cond(
+        shrink, lambda: tf.image.resize(image, target, antialias=True), lambda: tf.image.resize(image, target)
+    )
     return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
 
 
@@ -57,7 +64,7 @@ def center_crop(image, size: int):
     tf = _tf.tf()
     hw = tf.shape(image)[:2]
     top, left = (hw[0] - size) // 2, (hw[1] - size) // 2
-    out = image[top:top + size, left:left + size]
+    out = image[top : top + size, left : left + size]
     out.set_shape([size, size, 3])
     return out
 

@@ -26,8 +26,10 @@ IMAGE_FOLDER = "image_folder"
 FOLDER_SPLITS = ("train", "trainval", "val", "validation", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _FILE_NAME_KEYS = ("file_name", "image/filename", "id")  # What the catalog's builders call it.
-_KNOWN = ("fgvc_aircraft[/variant|/family|/manufacturer], stanford_cars, synthetic_fgvc, image_folder, or a "
-          "TFDS catalog name such as caltech_birds2011, stanford_dogs, oxford_flowers102, i_naturalist2017")
+_KNOWN = (
+    "fgvc_aircraft[/variant|/family|/manufacturer], stanford_cars, synthetic_fgvc, image_folder, or a "
+    "TFDS catalog name such as caltech_birds2011, stanford_dogs, oxford_flowers102, i_naturalist2017"
+)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -59,15 +61,15 @@ def _ranges(name: str, sizes: Mapping[str, int], split) -> list[tuple[str, int, 
     try:
         absolute = spec.to_absolute(infos)
     except (ValueError, KeyError) as e:
-        raise ValueError(f"Split {split!r} of data set {name!r} is invalid ({e}); its splits are "
-                         f"{dict(sizes)}.") from None
+        raise ValueError(
+            f"Split {split!r} of data set {name!r} is invalid ({e}); its splits are {dict(sizes)}."
+        ) from None
     return [(a.splitname, a.from_ or 0, sizes[a.splitname] if a.to is None else a.to) for a in absolute]
 
 
 def open_source(cfg) -> Source:
     """The source that `cfg` (a resolved data config) names, prepared if it is a TFDS builder."""
-    synthetic = tuple(cfg.synthetic[k] for k in ("num_classes", "train_per_class", "test_per_class",
-                                                 "image_size"))
+    synthetic = tuple(cfg.synthetic[k] for k in ("num_classes", "train_per_class", "test_per_class", "image_size"))
     return _open(cfg.name, cfg.data_dir, cfg.manual_dir, synthetic)
 
 
@@ -114,8 +116,10 @@ def _prepare(builder, data_dir: str, manual_dir: str) -> None:
             raise
         root = data_dir or tfds.core.constants.get_default_data_dir()
         manual = manual_dir or os.path.join(root, "downloads", "manual")
-        raise MissingDataError(_catalog_message(builder, manual) +
-                               f" (Preparing it failed with {type(e).__name__}: {_first_line(e)[:200]})") from e
+        raise MissingDataError(
+            _catalog_message(builder, manual)
+            + f" (Preparing it failed with {type(e).__name__}: {_first_line(e)[:200]})"
+        ) from e
 
 
 def _catalog_message(builder, manual: str) -> str:
@@ -129,9 +133,11 @@ def _catalog_message(builder, manual: str) -> str:
         files = ", ".join(sorted(named))
         sources = ", ".join(f"{url} ({fname})" for fname, url in sorted(named.items()))
         return missing_data_message(builder.name, files, manual, sources)
-    return (f"Data set {builder.name!r} is not prepared and TFDS could not download it; TFDS cannot read its "
-            f"files from a manual folder, so prepare it where downloads work (`tfds build {builder.name} "
-            f"--data_dir DIR`) and copy DIR to data.data_dir (see {builder.info.homepage}).")
+    return (
+        f"Data set {builder.name!r} is not prepared and TFDS could not download it; TFDS cannot read its "
+        f"files from a manual folder, so prepare it where downloads work (`tfds build {builder.name} "
+        f"--data_dir DIR`) and copy DIR to data.data_dir (see {builder.info.homepage})."
+    )
 
 
 def _read_tfds(builder, file_key: str | None, split, *, shuffle_files: bool, seed: int | None):
@@ -157,8 +163,10 @@ def _read_tfds(builder, file_key: str | None, split, *, shuffle_files: bool, see
 def _image_folder(root: str) -> Source:
     """A folder of class subfolders, or of split subfolders (train/, test/, ...) of class subfolders."""
     if not root or not epath.Path(root).is_dir():
-        raise MissingDataError(f"image_folder needs data.manual_dir to be a folder with one subfolder of images per "
-                               f"class (optionally inside train/ and test/ folders); got {root!r}.")
+        raise MissingDataError(
+            f"image_folder needs data.manual_dir to be a folder with one subfolder of images per "
+            f"class (optionally inside train/ and test/ folders); got {root!r}."
+        )
     base = epath.Path(root)
     subdirs = sorted(p for p in base.iterdir() if p.is_dir())
     if subdirs and all(p.name in FOLDER_SPLITS for p in subdirs):
@@ -169,30 +177,42 @@ def _image_folder(root: str) -> Source:
     index = {name: i for i, name in enumerate(classes)}
     files = {}
     for split, folder in split_dirs.items():
-        found = [(os.fspath(p.relative_to(base)), index[c.name])
-                 for c in folder.iterdir() if c.is_dir()
-                 for p in c.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
+        found = [
+            (os.fspath(p.relative_to(base)), index[c.name])
+            for c in folder.iterdir()
+            if c.is_dir()
+            for p in c.iterdir()
+            if p.suffix.lower() in IMAGE_EXTENSIONS
+        ]
         # A fixed pseudo-random order (by name hash), so that "train[:90%]" is a random 90 %.
         files[split] = sorted(found, key=lambda f: hashlib.md5(f[0].encode()).hexdigest())
     if not any(files.values()):
-        raise MissingDataError(f"image_folder found no images ({', '.join(IMAGE_EXTENSIONS)}) in class subfolders "
-                               f"of {root}.")
+        raise MissingDataError(
+            f"image_folder found no images ({', '.join(IMAGE_EXTENSIONS)}) in class subfolders of {root}."
+        )
     sizes = {k: len(v) for k, v in files.items()}
-    return Source(name=IMAGE_FOLDER, class_names=tuple(classes), split_sizes=sizes,
-                  read=functools.partial(_read_folder, base, files, sizes))
+    return Source(
+        name=IMAGE_FOLDER,
+        class_names=tuple(classes),
+        split_sizes=sizes,
+        read=functools.partial(_read_folder, base, files, sizes),
+    )
 
 
 def _read_folder(base, files: dict, sizes: dict, split, *, shuffle_files: bool, seed: int | None):
     """The selected files, read (not decoded) in parallel; shuffle_files shuffles the whole list."""
     tf = _tf.tf()
     chosen = [f for name, start, stop in _ranges(IMAGE_FOLDER, sizes, split) for f in files[name][start:stop]]
-    ds = tf.data.Dataset.from_tensor_slices({
-        "path": np.array([os.fspath(base / rel) for rel, _ in chosen], dtype=str),
-        "label": np.array([label for _, label in chosen], dtype=np.int32),
-        "file_name": np.array([rel for rel, _ in chosen], dtype=str),
-    })
+    ds = tf.data.Dataset.from_tensor_slices(
+        {
+            "path": np.array([os.fspath(base / rel) for rel, _ in chosen], dtype=str),
+            "label": np.array([label for _, label in chosen], dtype=np.int32),
+            "file_name": np.array([rel for rel, _ in chosen], dtype=str),
+        }
+    )
     if shuffle_files and len(chosen) > 1:
         ds = ds.shuffle(len(chosen), seed=seed)
-    return ds.map(lambda ex: {"image": tf.io.read_file(ex["path"]), "label": ex["label"],
-                              "file_name": ex["file_name"]},
-                  num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(
+        lambda ex: {"image": tf.io.read_file(ex["path"]), "label": ex["label"], "file_name": ex["file_name"]},
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )

@@ -15,8 +15,7 @@ import math
 
 import numpy as np
 
-COLOURS = (((1, 1, 1), "grey"), ((1, -1, 1), "magenta-green"), ((1, 1, -1), "yellow-blue"),
-           ((-1, 1, 1), "cyan-red"))
+COLOURS = (((1, 1, 1), "grey"), ((1, -1, 1), "magenta-green"), ((1, 1, -1), "yellow-blue"), ((-1, 1, 1), "cyan-red"))
 _SPLIT_IDS = {"train": 0, "test": 1}
 
 
@@ -42,8 +41,7 @@ def class_names(num_classes: int) -> list[str]:
     return names
 
 
-def generate(label: int, count: int, *, num_classes: int, size: int, split: str,
-             seed: int = 0) -> np.ndarray:
+def generate(label: int, count: int, *, num_classes: int, size: int, split: str, seed: int = 0) -> np.ndarray:
     """`count` images of class `label`, uint8 [count, size, size, 3]."""
     rng = np.random.default_rng([seed, _SPLIT_IDS[split], label])
     angle, colour = class_attributes(label, num_classes)

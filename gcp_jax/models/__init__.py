@@ -5,5 +5,13 @@ from gcp_jax.models.efficientnet import EFFICIENTNET_PARAMS, EfficientNet
 from gcp_jax.models.registry import ARCHS, HEADS, create_model
 from gcp_jax.models.resnet import RESNET_PARAMS, ResNet
 
-__all__ = ["ARCHS", "HEADS", "Classifier", "EFFICIENTNET_PARAMS", "EfficientNet", "RESNET_PARAMS", "ResNet",
-           "create_model"]
+__all__ = [
+    "ARCHS",
+    "EFFICIENTNET_PARAMS",
+    "HEADS",
+    "RESNET_PARAMS",
+    "Classifier",
+    "EfficientNet",
+    "ResNet",
+    "create_model",
+]

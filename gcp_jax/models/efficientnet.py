@@ -48,8 +48,7 @@ _depthwise_init = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_nor
 
 
 def _bn(train, dtype, name):
-    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
-                        name=name)
+    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, name=name)
 
 
 def round_filters(filters: int, width: float, divisor: int = 8) -> int:
@@ -78,21 +77,25 @@ class BlockSpec(NamedTuple):
 
 def block_specs(width: float, depth: float, drop_connect_rate: float) -> list[BlockSpec]:
     """All MBConv blocks in order; drop-connect grows linearly with the block index from 0."""
-    stages = [(kernel, round_repeats(repeats, depth), round_filters(f_in, width), round_filters(f_out, width), expand,
-               stride) for kernel, repeats, f_in, f_out, expand, stride in _B0_STAGES]
+    stages = [
+        (kernel, round_repeats(repeats, depth), round_filters(f_in, width), round_filters(f_out, width), expand, stride)
+        for kernel, repeats, f_in, f_out, expand, stride in _B0_STAGES
+    ]
     total = sum(s[1] for s in stages)
     specs = []
     for i, (kernel, repeats, f_in, f_out, expand, stride) in enumerate(stages):
         for j in range(repeats):
-            specs.append(BlockSpec(
-                name=f"block{i + 1}{chr(ord('a') + j)}",
-                kernel=kernel,
-                stride=stride if j == 0 else 1,
-                filters_in=f_in if j == 0 else f_out,
-                filters_out=f_out,
-                expand_ratio=expand,
-                drop_rate=drop_connect_rate * len(specs) / total,
-            ))
+            specs.append(
+                BlockSpec(
+                    name=f"block{i + 1}{chr(ord('a') + j)}",
+                    kernel=kernel,
+                    stride=stride if j == 0 else 1,
+                    filters_in=f_in if j == 0 else f_out,
+                    filters_out=f_out,
+                    expand_ratio=expand,
+                    drop_rate=drop_connect_rate * len(specs) / total,
+                )
+            )
     return specs
 
 
@@ -106,15 +109,24 @@ class MBConv(nn.Module):
     def __call__(self, inputs, train: bool = False):
         s = self.spec
         bn = lambda name: _bn(train, self.dtype, name)
-        conv = lambda features, name, **kw: layers.Conv(features, (1, 1), dtype=self.dtype,
-                                                        kernel_init=_conv_init, name=name, **kw)
+        conv = lambda features, name, **kw: layers.Conv(
+            features, (1, 1), dtype=self.dtype, kernel_init=_conv_init, name=name, **kw
+        )
         filters = s.filters_in * s.expand_ratio
         x = inputs
         if s.expand_ratio != 1:
             x = nn.swish(bn("expand_bn")(conv(filters, "expand_conv", use_bias=False)(x)))
-        x = layers.Conv(filters, (s.kernel, s.kernel), strides=s.stride, padding="SAME",
-                        feature_group_count=filters, use_bias=False, dtype=self.dtype, kernel_init=_depthwise_init,
-                        name="dwconv")(x)
+        x = layers.Conv(
+            filters,
+            (s.kernel, s.kernel),
+            strides=s.stride,
+            padding="SAME",
+            feature_group_count=filters,
+            use_bias=False,
+            dtype=self.dtype,
+            kernel_init=_depthwise_init,
+            name="dwconv",
+        )(x)
         x = nn.swish(bn("bn")(x))
         # Squeeze-excitation, sized from the block's input channels (not the expanded ones).
         se = jnp.mean(x, axis=(1, 2), keepdims=True)
@@ -139,11 +151,25 @@ class EfficientNet(nn.Module):
     def __call__(self, images, train: bool = False):
         bn = lambda name: _bn(train, self.dtype, name)
         x = images.astype(self.dtype)
-        x = layers.Conv(round_filters(32, self.width), (3, 3), strides=2, padding="SAME", use_bias=False,
-                        dtype=self.dtype, kernel_init=_conv_init, name="stem_conv")(x)
+        x = layers.Conv(
+            round_filters(32, self.width),
+            (3, 3),
+            strides=2,
+            padding="SAME",
+            use_bias=False,
+            dtype=self.dtype,
+            kernel_init=_conv_init,
+            name="stem_conv",
+        )(x)
         x = nn.swish(bn("stem_bn")(x))
         for spec in block_specs(self.width, self.depth, self.drop_connect_rate):
             x = MBConv(spec, dtype=self.dtype, name=spec.name)(x, train=train)
-        x = layers.Conv(round_filters(1280, self.width), (1, 1), use_bias=False, dtype=self.dtype,
-                        kernel_init=_conv_init, name="top_conv")(x)
+        x = layers.Conv(
+            round_filters(1280, self.width),
+            (1, 1),
+            use_bias=False,
+            dtype=self.dtype,
+            kernel_init=_conv_init,
+            name="top_conv",
+        )(x)
         return nn.swish(bn("top_bn")(x))

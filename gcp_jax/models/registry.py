@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -55,8 +56,9 @@ def create_model(
         if last_stride != 2:
             raise ValueError(f"last_stride=1 applies to ResNets only; {arch} keeps the reference strides (use 2).")
         width, depth, _, default_dropout = EFFICIENTNET_PARAMS[arch]
-        backbone = EfficientNet(width, depth, drop_connect_rate=0.2 if drop_connect_rate is None else drop_connect_rate,
-                                dtype=dtype)
+        backbone = EfficientNet(
+            width, depth, drop_connect_rate=0.2 if drop_connect_rate is None else drop_connect_rate, dtype=dtype
+        )
     else:
         if drop_connect_rate:
             raise ValueError(f"drop_connect_rate applies to EfficientNets only; set it to None or 0 for {arch}.")

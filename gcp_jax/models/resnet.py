@@ -7,7 +7,8 @@ PyTorch's: symmetric, explicit.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -31,13 +32,20 @@ _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torch
 
 def _conv(features, kernel, stride, dtype, name):
     pad = kernel // 2
-    return layers.Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-                       use_bias=False, dtype=dtype, kernel_init=_conv_init, name=name)
+    return layers.Conv(
+        features,
+        (kernel, kernel),
+        strides=stride,
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        dtype=dtype,
+        kernel_init=_conv_init,
+        name=name,
+    )
 
 
 def _bn(train, dtype, name):
-    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                        dtype=dtype, name=name)
+    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, name=name)
 
 
 class Block(nn.Module):

@@ -51,8 +51,16 @@ def find(roots: Sequence[epath.Path], name: str, *, is_dir: bool = False) -> epa
     return None
 
 
-def require(roots: Sequence[epath.Path], names: Sequence[str], *, dataset: str, expected: str,
-            dl_manager, source: str, dirs: Sequence[str] = ()) -> dict[str, epath.Path]:
+def require(
+    roots: Sequence[epath.Path],
+    names: Sequence[str],
+    *,
+    dataset: str,
+    expected: str,
+    dl_manager,
+    source: str,
+    dirs: Sequence[str] = (),
+) -> dict[str, epath.Path]:
     """{name: path} of every file in `names` and folder in `dirs`, or one MissingDataError for all."""
     found = {name: find(roots, name) for name in names}
     found.update({name: find(roots, name, is_dir=True) for name in dirs})
@@ -70,8 +78,10 @@ def check_md5(path: epath.Path, md5: str) -> None:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     if digest.hexdigest() != md5:
-        raise ValueError(f"{path} is damaged or not the official archive (md5 {digest.hexdigest()}, "
-                         f"expected {md5}); delete it and download it again.")
+        raise ValueError(
+            f"{path} is damaged or not the official archive (md5 {digest.hexdigest()}, "
+            f"expected {md5}); delete it and download it again."
+        )
 
 
 def parallel_map(fn: Callable, items: Iterable) -> Iterator:
@@ -87,8 +97,9 @@ def bbox(xmin: float, ymin: float, xmax: float, ymax: float, *, height: int, wid
         return min(max(v, 0.0), 1.0)
 
     top, left = clip((ymin - 1) / height), clip((xmin - 1) / width)
-    return tfds.features.BBox(ymin=top, xmin=left, ymax=max(top, clip(ymax / height)),
-                              xmax=max(left, clip(xmax / width)))
+    return tfds.features.BBox(
+        ymin=top, xmin=left, ymax=max(top, clip(ymax / height)), xmax=max(left, clip(xmax / width))
+    )
 
 
 def fgvc_info(builder, *, description: str, homepage: str, citation: str) -> tfds.core.DatasetInfo:
@@ -96,12 +107,14 @@ def fgvc_info(builder, *, description: str, homepage: str, citation: str) -> tfd
     return tfds.core.DatasetInfo(
         builder=builder,
         description=description,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-            "label": tfds.features.ClassLabel(),
-            "file_name": tfds.features.Text(),
-            "bbox": tfds.features.BBoxFeature(),
-        }),
+        features=tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                "label": tfds.features.ClassLabel(),
+                "file_name": tfds.features.Text(),
+                "bbox": tfds.features.BBoxFeature(),
+            }
+        ),
         supervised_keys=("image", "label"),
         homepage=homepage,
         citation=citation,

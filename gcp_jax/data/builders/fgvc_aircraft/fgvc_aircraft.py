@@ -49,8 +49,7 @@ class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
         FgvcAircraftConfig(name=level, level=level, description=f"Labels are aircraft {level} names.")
         for level in LEVEL_FILES
     ]
-    MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        f"Optional: put {_EXPECTED} in manual_dir to avoid the download from {URL}.")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"Optional: put {_EXPECTED} in manual_dir to avoid the download from {URL}."
 
     def _info(self) -> tfds.core.DatasetInfo:
         return _files.fgvc_info(self, description=__doc__, homepage=HOMEPAGE, citation=_CITATION)
@@ -59,10 +58,8 @@ class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
         data = self._find_data(dl_manager)
         level = self.builder_config.level
         self.info.features["label"].names = _read_lines(data / LEVEL_FILES[level])
-        boxes = {image_id: [int(v) for v in rest.split()]
-                 for image_id, rest in _read_pairs(data / "images_box.txt")}
-        return {split: self._generate_examples(data, data / f"images_{level}_{split}.txt", boxes)
-                for split in SPLITS}
+        boxes = {image_id: [int(v) for v in rest.split()] for image_id, rest in _read_pairs(data / "images_box.txt")}
+        return {split: self._generate_examples(data, data / f"images_{level}_{split}.txt", boxes) for split in SPLITS}
 
     def _find_data(self, dl_manager) -> epath.Path:
         """The archive's data/ folder: from manual_dir if there, else downloaded."""
@@ -83,8 +80,12 @@ class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
         def example(pair):
             image_id, _ = pair
             image, height, width = _crop_banner(data / "images" / f"{image_id}.jpg")
-            return image_id, {"image": image, "label": pair[1], "file_name": f"{image_id}.jpg",
-                              "bbox": _files.bbox(*boxes[image_id], height=height, width=width)}
+            return image_id, {
+                "image": image,
+                "label": pair[1],
+                "file_name": f"{image_id}.jpg",
+                "bbox": _files.bbox(*boxes[image_id], height=height, width=width),
+            }
 
         yield from _files.parallel_map(example, _read_pairs(list_file))
 
@@ -106,4 +107,3 @@ def _crop_banner(path: epath.Path) -> tuple[bytes, int, int]:
     out = io.BytesIO()
     image.crop((0, 0, width, height - BANNER)).save(out, format="JPEG", quality=95)
     return out.getvalue(), height - BANNER, width
-

@@ -19,12 +19,16 @@ from PIL import Image
 from gcp_jax.data.builders import _files
 
 HOMEPAGE = "https://ai.stanford.edu/~jkrause/cars/car_dataset.html"
-SOURCE = ("a mirror of the original (the page is gone), e.g. https://www.kaggle.com/datasets/"
-          "jessicali9530/stanford-cars-dataset for the images and https://github.com/pytorch/vision/"
-          "issues/7545 for car_devkit.tgz and cars_test_annos_withlabels.mat")
+SOURCE = (
+    "a mirror of the original (the page is gone), e.g. https://www.kaggle.com/datasets/"
+    "jessicali9530/stanford-cars-dataset for the images and https://github.com/pytorch/vision/"
+    "issues/7545 for car_devkit.tgz and cars_test_annos_withlabels.mat"
+)
 ARCHIVES = {"car_devkit.tgz": None, "cars_train.tgz": None, "cars_test.tgz": None}
-EXPECTED = ("cars_meta.mat, cars_train_annos.mat (from car_devkit.tgz), cars_test_annos_withlabels.mat "
-            "and the cars_train/ and cars_test/ image folders (or cars_train.tgz, cars_test.tgz)")
+EXPECTED = (
+    "cars_meta.mat, cars_train_annos.mat (from car_devkit.tgz), cars_test_annos_withlabels.mat "
+    "and the cars_train/ and cars_test/ image folders (or cars_train.tgz, cars_test.tgz)"
+)
 _CITATION = """@inproceedings{krause20133d,
   title = {3D Object Representations for Fine-Grained Categorization},
   author = {Jonathan Krause and Michael Stark and Jia Deng and Li Fei-Fei},
@@ -46,10 +50,15 @@ class StanfordCars(tfds.core.GeneratorBasedBuilder):
         files = _files.require(
             _files.search_roots(dl_manager, ARCHIVES),
             ["cars_meta.mat", "cars_train_annos.mat", "cars_test_annos_withlabels.mat"],
-            dirs=["cars_train", "cars_test"], dataset="stanford_cars", expected=EXPECTED,
-            dl_manager=dl_manager, source=SOURCE)
-        self.info.features["label"].names = [str(n) for n in np.atleast_1d(
-            _load_mat(files["cars_meta.mat"])["class_names"])]
+            dirs=["cars_train", "cars_test"],
+            dataset="stanford_cars",
+            expected=EXPECTED,
+            dl_manager=dl_manager,
+            source=SOURCE,
+        )
+        self.info.features["label"].names = [
+            str(n) for n in np.atleast_1d(_load_mat(files["cars_meta.mat"])["class_names"])
+        ]
         return {
             "train": self._generate_examples(files["cars_train_annos.mat"], _images(files["cars_train"])),
             "test": self._generate_examples(files["cars_test_annos_withlabels.mat"], _images(files["cars_test"])),
@@ -63,8 +72,12 @@ class StanfordCars(tfds.core.GeneratorBasedBuilder):
             with (images / name).open("rb") as f:
                 width, height = Image.open(f).size
             box = [float(anno[k]) for k in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")]
-            return name, {"image": images / name, "label": int(anno["class"]) - 1, "file_name": name,
-                          "bbox": _files.bbox(*box, height=height, width=width)}
+            return name, {
+                "image": images / name,
+                "label": int(anno["class"]) - 1,
+                "file_name": name,
+                "bbox": _files.bbox(*box, height=height, width=width),
+            }
 
         yield from _files.parallel_map(example, annos)
 
@@ -79,4 +92,3 @@ def _images(folder: epath.Path) -> epath.Path:
     while (folder / folder.name).is_dir():
         folder = folder / folder.name
     return folder
-

@@ -25,15 +25,19 @@ class SyntheticFgvcConfig(tfds.core.BuilderConfig):
     image_size: int = 64
 
 
-def synthetic_config(num_classes: int, train_per_class: int, test_per_class: int,
-                     image_size: int) -> SyntheticFgvcConfig:
+def synthetic_config(
+    num_classes: int, train_per_class: int, test_per_class: int, image_size: int
+) -> SyntheticFgvcConfig:
     """The config for these sizes, named after them."""
     return SyntheticFgvcConfig(
         name=f"c{num_classes}_train{train_per_class}_test{test_per_class}_px{image_size}",
         description=f"{num_classes} classes, {train_per_class}/{test_per_class} train/test images "
-                    f"per class, {image_size}x{image_size} px.",
-        num_classes=num_classes, train_per_class=train_per_class, test_per_class=test_per_class,
-        image_size=image_size)
+        f"per class, {image_size}x{image_size} px.",
+        num_classes=num_classes,
+        train_per_class=train_per_class,
+        test_per_class=test_per_class,
+        image_size=image_size,
+    )
 
 
 class SyntheticFgvc(tfds.core.GeneratorBasedBuilder):
@@ -48,25 +52,28 @@ class SyntheticFgvc(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=synthetic.__doc__,
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(cfg.image_size, cfg.image_size, 3), encoding_format="png"),
-                "label": tfds.features.ClassLabel(names=synthetic.class_names(cfg.num_classes)),
-                "file_name": tfds.features.Text(),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(cfg.image_size, cfg.image_size, 3), encoding_format="png"),
+                    "label": tfds.features.ClassLabel(names=synthetic.class_names(cfg.num_classes)),
+                    "file_name": tfds.features.Text(),
+                }
+            ),
             supervised_keys=("image", "label"),
         )
 
     def _split_generators(self, dl_manager):
         del dl_manager  # Nothing to download.
         cfg = self.builder_config
-        return {"train": self._generate_examples("train", cfg.train_per_class),
-                "test": self._generate_examples("test", cfg.test_per_class)}
+        return {
+            "train": self._generate_examples("train", cfg.train_per_class),
+            "test": self._generate_examples("test", cfg.test_per_class),
+        }
 
     def _generate_examples(self, split: str, per_class: int):
         cfg = self.builder_config
         for label in range(cfg.num_classes):
-            images = synthetic.generate(label, per_class, num_classes=cfg.num_classes,
-                                        size=cfg.image_size, split=split)
+            images = synthetic.generate(label, per_class, num_classes=cfg.num_classes, size=cfg.image_size, split=split)
             for i, image in enumerate(images):
                 name = f"{split}_{label:03d}_{i:05d}.png"
                 out = io.BytesIO()
