@@ -5,7 +5,7 @@
   python train.py --config configs/cub.py:resnet50 --workdir runs/cub_r50 --config.gcp.grad=pade
   python train.py --config configs/aircraft.py --workdir runs/air --config.eval_only=True
 
-Any config field can be overridden with --config.<field>=<value> (fields: configs/default.py).
+Any config field can be overridden with --config.<field>=<value> (fields: gcp_jax/config.py).
 Multi-host (TPU pod, GPU cluster): run the same command on every host; give --coordinator_address,
 --num_processes and --process_id (or the JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
 JAX_PROCESS_ID environment variables), or --distributed to let JAX detect the cluster.
@@ -14,14 +14,8 @@ JAX_PROCESS_ID environment variables), or --distributed to let JAX detect the cl
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the input pipeline's TensorFlow: errors only
-
-from gcp_jax import host  # pylint: disable=g-import-not-at-top
-
-host.tune_cpu_host()  # before numpy and JAX start threads: see gcp_jax/host.py
-
-from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
-from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -74,7 +68,7 @@ def parse_flags(argv):
             e = e.args[0]
         message = (
             f"unknown config field {str(e.args[0] if e.args else e).strip(chr(34))} in the --config.* "
-            "overrides; every field is listed in configs/default.py."
+            "overrides; every field is listed in gcp_jax/config.py."
         )
     except OSError as e:  # the config file could not be loaded
         reason = str(e).strip().splitlines()[-1].strip()
@@ -96,6 +90,7 @@ def main(argv):
     config = _CONFIG.value
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
     try:
+        training.configure_jax(config)
         if config.eval_only:
             result = training.evaluate_checkpoint(config, workdir)
         else:
@@ -109,25 +104,26 @@ def main(argv):
 
 
 def summary(result) -> str:
-    """Where the results are, and the best and final accuracies."""
+    """Where the results are, and the best and final accuracies of a training.RunResult."""
+    from gcp_jax import metrics
+
     lines = []
-    if result.get("final"):
-        f = result["final"]
-        label = "last eval" if result.get("preempted") else f"final (step {result['step']})"
-        lines.append(
-            f"{label}: top1 {f['top1']:.4f}, top5 {f['top5']:.4f}, mean per-class "
-            f"{f['mean_class_acc']:.4f} on {f['count']} images"
-        )
-    if (result.get("best_step") or -1) >= 0:
-        lines.append(f"best: top1 {result['best_top1']:.4f} at step {result['best_step']}")
-    workdir = result["workdir"]
+    if result.final:
+        label = "last eval" if result.preempted else f"final (step {result.step})"
+        lines.append(f"{label}: {metrics.describe_eval(result.final)}")
+    if result.best_step >= 0:
+        lines.append(f"best: top1 {result.best_top1:.4f} at step {result.best_step}")
     lines += [
-        f"metrics:     {os.path.join(workdir, 'metrics.jsonl')}",
-        f"TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}",
-        f"checkpoints: {result['checkpoints']}  (config: {os.path.join(workdir, 'config.json')})",
+        f"metrics:     {os.path.join(result.workdir, 'metrics.jsonl')}",
+        f"TensorBoard: tensorboard --logdir {os.path.join(result.workdir, 'tensorboard')}",
+        f"checkpoints: {result.checkpoints}  (config: {os.path.join(result.workdir, 'config.json')})",
     ]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
+    from gcp_jax import cpu_tuning
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the input pipeline's TensorFlow: errors only
+    cpu_tuning.tune_process()  # before the config file imports numpy and JAX, which start threads
     app.run(main, flags_parser=parse_flags)

@@ -87,7 +87,7 @@ def worker(root: str, cores: int, batch: int, repeats: int) -> dict:
         for _ in range(3):  # Warm-up (tracing, autotuning).
             next(train)
 
-        def epochs():
+        def epochs(train=train, steps=steps):
             for _ in range(steps):
                 next(train)
             return steps * batch
@@ -97,7 +97,7 @@ def worker(root: str, cores: int, batch: int, repeats: int) -> dict:
             pass
         results[name] = {
             "train": _timed(epochs, repeats),
-            "eval": _timed(lambda: sum(len(b["mask"]) for b in evals), repeats),
+            "eval": _timed(lambda evals=evals: sum(len(b["mask"]) for b in evals), repeats),
         }
     return results
 

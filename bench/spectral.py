@@ -78,7 +78,7 @@ def spectral_table(batches, dtypes, repeats):
 
 
 # ------------------------------------------------------------------------------------------------
-# The reference recipe (METHOD.md §2c, §3): float64, SVD, eigen-level backward, ordinary K.
+# The reference recipe (docs/method.md §2c, §3): float64, SVD, eigen-level backward, ordinary K.
 
 
 def _replace_inf_batchwide(x):

@@ -11,7 +11,7 @@ update; synthetic in-memory batches, no TensorFlow) and, separately, the spectra
 (covariance -> eigh -> normalisation -> triu, forward and backward, on reduced features of the
 same shape). When torch is importable it adds the PyTorch reference recipe for ResNet-50 + SEB:
 a ResNet-50 written here (layer4 at stride 1), the 256-d reduction, the covariance and SEB in
-float64 by SVD with the ordinary-K eigen backward (METHOD.md §3) as a torch.autograd.Function,
+float64 by SVD with the ordinary-K eigen backward (docs/method.md §3) as a torch.autograd.Function,
 SGD with clipping -- the comparison column, its steps alternating with ours (a child process).
 On a GPU the reference runs as published: backbone on the GPU (cuDNN autotuned), covariance
 eigendecomposition and its backward in float64 on the CPU.
@@ -33,7 +33,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from bench.common import compiled_memory_bytes, machine_line, print_table, time_call
-from gcp_jax import linalg, models, pooling, sharding, training
+from gcp_jax import linalg, models, optim, sharding, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +42,7 @@ GCP_DIM = 256
 
 
 def optim_config() -> ConfigDict:
-    """The protocol's SGD (METHOD.md §6)."""
+    """The protocol's SGD (docs/method.md §6)."""
     return ConfigDict(
         dict(
             learning_rate=3e-3,
@@ -81,10 +81,10 @@ def jax_step(arch: str, head: str, size: int, batch: int, dtype: str = "float32"
         dtype=dtype,
     )
     mesh = sharding.make_mesh()
-    schedule = training.learning_rate_schedule(optim_config(), 100, 100)
-    tx = training.make_optimizer(optim_config(), schedule)
+    schedule = optim.learning_rate_schedule(optim_config(), 100, 100)
+    tx = optim.make_optimizer(optim_config(), schedule)
     state = training.create_train_state(training.init_variables(model, size, 0, mesh), tx, mesh)
-    step = training.make_train_step(model, tx, schedule, mesh)
+    step = training.make_train_step(model, tx, mesh)
     rng = np.random.default_rng(0)
     batch_data = sharding.global_batch(
         {
@@ -141,7 +141,7 @@ def spectral_seconds(norm: str, batch: int, positions: int, steps: int) -> float
     w = jax.random.normal(jax.random.key(1), (batch, GCP_DIM * (GCP_DIM + 1) // 2))
 
     def loss(x, w):  # w an argument: as a closed-over constant XLA would constant-fold the triu backward
-        return jnp.sum(linalg.triu_vec(pooling.normalize(linalg.covariance(x), norm=norm)) * w)
+        return jnp.sum(linalg.triu_vec(linalg.normalize(linalg.covariance(x), linalg.SpectralOptions(norm=norm))) * w)
 
     return time_call(jax.jit(jax.grad(loss)), x, w, repeats=steps, warmup=1)
 
@@ -163,7 +163,7 @@ def torch_step(size: int, batch: int, device: str, num_classes: int = 100):
     torch.backends.cudnn.benchmark = True
 
     class SEBFunction(torch.autograd.Function):
-        """(1 + c) Σ^{1/2} by SVD in float64; backward: ordinary-K eigen VJP + the branch term (METHOD §2c, §3)."""
+        """(1 + c) Σ^{1/2} by SVD in float64; backward: ordinary-K eigen VJP + the branch term (docs/method.md §2c, §3)."""
 
         @staticmethod
         def forward(ctx, cov):

@@ -1,1 +1,1 @@
-"""Training configs: one get_config() per protocol; every field is documented in default.py."""
+"""Training configs: one get_config() per protocol, overriding gcp_jax.config.get_config() (every field documented there)."""

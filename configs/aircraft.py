@@ -1,14 +1,14 @@
-"""FGVC-Aircraft (100 variants, 6,667 trainval / 3,333 test), METHOD.md §6 protocol.
+"""FGVC-Aircraft (100 variants, 6,667 trainval / 3,333 test), docs/method.md §6 protocol.
 
 python train.py --config configs/aircraft.py --workdir runs/air             # EfficientNet-B5 + SEB
 python train.py --config configs/aircraft.py:resnet50 --workdir runs/air_r50  # ResNet-50 (stride-1 layer4) + SEB
 """
 
-from configs import default
+from gcp_jax import config as base
 
 
-def get_config(variant: str = default.HEADLINE_ARCH):
-    c = default.get_config()
+def get_config(variant: str = base.HEADLINE_ARCH):
+    c = base.get_config()
     c.data.name = "fgvc_aircraft/variant"
     c.data.train_split, c.data.eval_split = "trainval", "test"
     c.data.resize_mode, c.data.resize_size, c.data.image_size = "square", 512, 448  # (512, 512), centre crop 448
@@ -17,4 +17,4 @@ def get_config(variant: str = default.HEADLINE_ARCH):
     c.optim.decay_epochs = (21, 40)
     c.optim.weight_decay = 1e-3
     c.optim.classifier_lr_factor = 5.0
-    return default.with_backbone(c, variant)
+    return base.with_backbone(c, variant)

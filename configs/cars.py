@@ -1,14 +1,14 @@
-"""Stanford Cars (196 models, 8,144 train / 8,041 test), METHOD.md §6 protocol.
+"""Stanford Cars (196 models, 8,144 train / 8,041 test), docs/method.md §6 protocol.
 
 python train.py --config configs/cars.py --workdir runs/cars             # EfficientNet-B5 + SEB
 python train.py --config configs/cars.py:resnet50 --workdir runs/cars_r50  # ResNet-50 (stride-1 layer4) + SEB
 """
 
-from configs import default
+from gcp_jax import config as base
 
 
-def get_config(variant: str = default.HEADLINE_ARCH):
-    c = default.get_config()
+def get_config(variant: str = base.HEADLINE_ARCH):
+    c = base.get_config()
     c.data.name = "stanford_cars"
     c.data.train_split, c.data.eval_split = "train", "test"
     c.data.resize_mode, c.data.resize_size, c.data.image_size = "square", 448, 448  # (448, 448), no crop
@@ -17,4 +17,4 @@ def get_config(variant: str = default.HEADLINE_ARCH):
     c.optim.decay_epochs = (50, 100)
     c.optim.weight_decay = 1e-4
     c.optim.classifier_lr_factor = 10.0
-    return default.with_backbone(c, variant)
+    return base.with_backbone(c, variant)

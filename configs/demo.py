@@ -6,11 +6,11 @@ No download: the synthetic_fgvc data set (10 classes told apart by the orientati
 colour correlation of textures, i.e. by second-order statistics) is generated on first use.
 """
 
-from configs import default
+from gcp_jax import config as base
 
 
 def get_config():
-    c = default.get_config()
+    c = base.get_config()
     c.data.name = "synthetic_fgvc"
     c.data.synthetic.update(num_classes=10, train_per_class=300, test_per_class=50, image_size=64)
     c.data.resize_mode, c.data.resize_size, c.data.image_size = "square", 64, 64

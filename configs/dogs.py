@@ -8,10 +8,11 @@ classifier lr x20), the closest data set in size and kind.
   python train.py --config configs/dogs.py:resnet50 --workdir runs/dogs_r50  # ResNet-50 (stride-1 layer4) + SEB
 """
 
-from configs import cub, default
+from configs import cub
+from gcp_jax import config as base
 
 
-def get_config(variant: str = default.HEADLINE_ARCH):
+def get_config(variant: str = base.HEADLINE_ARCH):
     c = cub.get_config(variant)
     c.data.name = "stanford_dogs"
     c.data.train_split, c.data.eval_split = "train", "test"

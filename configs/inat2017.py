@@ -1,7 +1,7 @@
 """iNaturalist 2017 (5,089 species, 579,184 train / 95,986 validation images).
 
 The SEB paper reports 72.3 % top-1 with EfficientNet-B5 but its iNaturalist schedule is not
-known (METHOD.md §7, unverified). This config is ours: the FGVC recipe scaled to a large data
+known (docs/method.md §7, unverified). This config is ours: the FGVC recipe scaled to a large data
 set -- global batch 64 with the learning rate scaled linearly from 3e-3 at batch 8, random
 448 crops of the shorter side resized to 512, 30 epochs with lr x0.1 at 10 and 20, one epoch of
 warmup, weight decay 1e-4, classifier lr x5, evaluation every 2 epochs on the validation split.
@@ -10,11 +10,11 @@ warmup, weight decay 1e-4, classifier lr x5, evaluation every 2 epochs on the va
   python train.py --config configs/inat2017.py:resnet50 --workdir runs/inat_r50  # ResNet-50 (stride-1 layer4) + SEB
 """
 
-from configs import default
+from gcp_jax import config as base
 
 
-def get_config(variant: str = default.HEADLINE_ARCH):
-    c = default.get_config()
+def get_config(variant: str = base.HEADLINE_ARCH):
+    c = base.get_config()
     c.data.name = "i_naturalist2017"
     c.data.train_split, c.data.eval_split = "train", "validation"
     c.data.resize_mode, c.data.resize_size, c.data.image_size = "shorter", 512, 448
@@ -27,4 +27,4 @@ def get_config(variant: str = default.HEADLINE_ARCH):
     c.optim.decay_epochs = (10, 20)
     c.optim.weight_decay = 1e-4
     c.optim.classifier_lr_factor = 5.0
-    return default.with_backbone(c, variant)
+    return base.with_backbone(c, variant)

@@ -39,9 +39,6 @@ class Checkpoints:
         """The newest saved step, or None."""
         return self._manager.latest_step()
 
-    def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
-
     def save(self, step: int, state: Any, meta: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> bool:
         """Start saving `state` at `step` (returns at once; the files are written in the background).
 

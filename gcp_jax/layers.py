@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from gcp_jax import cpu_tuning
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _channel_matmul(x, kernel, precision=None):
@@ -147,8 +149,8 @@ def conv_general_dilated(
 
     On CPU, for NHWC input without dilation: a 1×1 unpadded kernel becomes a strided slice and a
     channel matmul; a depthwise kernel (one input channel per group) becomes a weighted sum of
-    strided views. Every other convolution, and every convolution on other platforms, goes to
-    `lax.conv_general_dilated` unchanged.
+    strided views. Every other convolution, every convolution on other platforms, and every one
+    when GCP_JAX_CPU_FAST_PATHS=0 (gcp_jax.cpu_tuning), goes to `lax.conv_general_dilated` unchanged.
     """
     native = functools.partial(
         lax.conv_general_dilated,
@@ -165,7 +167,8 @@ def conv_general_dilated(
         lhs.shape, rhs.shape, dimension_numbers
     ) == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
     unit = lambda d: d is None or all(v == 1 for v in d)
-    if rhs.ndim != 4 or not nhwc or not unit(lhs_dilation) or not unit(rhs_dilation) or kwargs:
+    plain = rhs.ndim != 4 or not nhwc or not unit(lhs_dilation) or not unit(rhs_dilation) or kwargs
+    if plain or not cpu_tuning.fast_paths_enabled():
         return native(lhs, rhs)
     unpadded = isinstance(padding, str) or all(tuple(p) == (0, 0) for p in padding)  # a 1×1 window never pads
     if rhs.shape[:2] == (1, 1) and unpadded and feature_group_count == 1:
@@ -197,6 +200,8 @@ def max_pool(x, window, strides, padding):
     """
     first_max = lambda x: _max_pool_first_max(x, window, strides, padding)
     native = lambda x: _reduce_max(x, window, strides, padding)
+    if not cpu_tuning.fast_paths_enabled():
+        return native(x)
     return lax.platform_dependent(x, cpu=first_max, default=native)
 
 

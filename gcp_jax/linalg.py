@@ -1,7 +1,7 @@
 """Spectral layers of global covariance pooling, with hand-written gradients.
 
 Pure functions on batched arrays (`[..., d, d]` symmetric PSD, or `[..., M, C]` features), safe
-under `jit`, `vmap` and `grad`. The math is METHOD.md §2–§4:
+under `jit`, `vmap` and `grad`. The math is docs/method.md §2–§4:
 
 * `sqrtm` / `seb` eigendecompose once and differentiate either by the exact Daleckii–Krein
   (Loewner) formula (the default: finite on ties, no 1/(λi − λj)) or by one of the papers'
@@ -16,17 +16,92 @@ under `jit`, `vmap` and `grad`. The math is METHOD.md §2–§4:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import numbers
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gcp_jax import checks
+
 HIGHEST = jax.lax.Precision.HIGHEST
+NORMS = ("sqrt", "seb", "isqrt", "none")
 SQRTM_GRADS = ("exact", "ordinary", "pade", "taylor", "trunc", "newton")
 SEB_VARIANTS = ("code", "a", "b")
+SPECTRAL_DTYPES = ("float32", "float64")
 _K_GRADS = ("ordinary", "pade", "taylor", "trunc")
+_GRAD_FIELDS = ("grad", "eps", "topn", "taylor_degree", "trunc_threshold", "newton_iters")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectralOptions:
+    """The matrix normalisation of covariances and how it is differentiated; `normalize` applies it.
+
+    The single source of these defaults: `gcp_jax.config` documents each field (as config.gcp.*),
+    `GCPHead` holds one, and the public functions below take the fields as keyword options.
+    Validated once, when made; hashable, so it can be a static Flax field and a custom-VJP argument.
+    """
+
+    norm: str = "seb"
+    grad: str = "exact"
+    seb_variant: str = "code"
+    eps: float | None = None
+    topn: int = 0
+    isqrt_iters: int = 5
+    newton_iters: int = 10
+    taylor_degree: int = 100
+    trunc_threshold: float = 1e10
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if not isinstance(self.dtype, str):  # a jnp/numpy dtype: keep its name, so the options stay hashable
+            object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
+        checks.raise_if_any(spectral_problems(dataclasses.asdict(self)), "SpectralOptions")
+
+    @classmethod
+    def from_mapping(cls, fields: Mapping, where: str = "SpectralOptions") -> SpectralOptions:
+        """Options from a mapping of field values (e.g. config.gcp without `dim`); every problem in one error."""
+        checks.raise_if_any(spectral_problems(fields), where)
+        return cls(**fields)
+
+
+def _at_least(name, value, low) -> list[str]:
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+    return [] if ok else [f"{name}={value!r} must be an integer of at least {low}."]
+
+
+def spectral_problems(fields: Mapping, *, also_known: tuple[str, ...] = ()) -> list[str]:
+    """Every problem with these SpectralOptions field values (absent fields take their defaults).
+
+    A name that is no field is a problem too; `also_known` are names the caller handles itself,
+    offered as corrections but not reported.
+    """
+    known = [f.name for f in dataclasses.fields(SpectralOptions)]
+    problems = checks.unknown_fields(set(fields) - set(also_known), known + list(also_known))
+    get = lambda name: fields.get(name, getattr(SpectralOptions, name))
+    dtype = get("dtype")
+    fields = {**fields, "dtype": dtype if isinstance(dtype, str) else getattr(jnp.dtype(dtype), "name", dtype)}
+    for name, choices in (
+        ("norm", NORMS),
+        ("grad", SQRTM_GRADS),
+        ("seb_variant", SEB_VARIANTS),
+        ("dtype", SPECTRAL_DTYPES),
+    ):
+        if get(name) not in choices:
+            problems.append(checks.not_one_of(name, get(name), choices))
+    eps = get("eps")
+    if eps is not None and not (isinstance(eps, numbers.Real) and eps > 0):
+        problems.append(f"eps={eps!r} must be positive, or None for the default floor (ε·λ_max per sample).")
+    for name, low in (("topn", 0), ("isqrt_iters", 1), ("newton_iters", 1), ("taylor_degree", 0)):
+        problems += _at_least(name, get(name), low)
+    threshold = get("trunc_threshold")
+    if not (isinstance(threshold, numbers.Real) and threshold > 0):
+        problems.append(f"trunc_threshold={threshold!r} must be positive.")
+    return problems
 
 
 def _mm(a, b):
@@ -46,11 +121,23 @@ def _rebuild(u, values):
     return _mm(u * values[..., None, :], _t(u))
 
 
-def _check_square(a, name):
-    if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
-        raise ValueError(f"{name} expects square matrices [..., d, d], got shape {a.shape}.")
+def _as_array(a, name, what):
+    """`a` as a floating-point JAX array (or tracer), or a one-sentence error naming `name`."""
+    try:
+        a = jnp.asarray(a)
+    except TypeError:
+        raise TypeError(f"{name} expects {what}, got a {type(a).__name__}.") from None
     if not jnp.issubdtype(a.dtype, jnp.floating):
-        raise ValueError(f"{name} expects a floating-point array, got {a.dtype}.")
+        raise ValueError(f"{name} expects a floating-point array of {what}, got {a.dtype}.")
+    return a
+
+
+def _as_square(a, name):
+    """`a` as a batch of non-empty square matrices [..., d, d]."""
+    a = _as_array(a, name, "square matrices [..., d, d]")
+    if a.ndim < 2 or a.shape[-1] != a.shape[-2] or a.shape[-1] == 0:
+        raise ValueError(f"{name} expects non-empty square matrices [..., d, d], got shape {a.shape}.")
+    return a
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,28 +146,28 @@ def _check_square(a, name):
 
 def covariance(x):
     """Centred covariance over the M positions: `[..., M, C]` → `[..., C, C]`, divided by M."""
-    if x.ndim < 2:
-        raise ValueError(f"covariance expects features [..., M, C], got shape {x.shape}.")
+    x = _as_array(x, "covariance", "features [..., M, C]")
+    if x.ndim < 2 or 0 in x.shape[-2:]:
+        raise ValueError(f"covariance expects non-empty features [..., M, C], got shape {x.shape}.")
     xc = x - jnp.mean(x, axis=-2, keepdims=True)
     return jnp.einsum("...mc,...md->...cd", xc, xc, precision=HIGHEST) / x.shape[-2]
 
 
 def triu_vec(m):
     """Upper triangle, row-major, diagonal included: `[..., d, d]` → `[..., d(d+1)/2]`."""
-    _check_square(m, "triu_vec")
+    m = _as_square(m, "triu_vec")
     rows, cols = np.triu_indices(m.shape[-1])
     return m[..., rows, cols]
 
 
-def newton_schulz_sqrtm(a, *, iters=5):
-    """iSQRT-COV: coupled Newton–Schulz square root with trace normalisation (METHOD §2b).
+def newton_schulz_sqrtm(a, *, iters=SpectralOptions.isqrt_iters):
+    """iSQRT-COV: coupled Newton–Schulz square root with trace normalisation (docs/method.md §2b).
 
     Differentiated by autodiff through the unrolled iteration. Few iterations damp the
     directions of small eigenvalues; that is part of the method.
     """
-    _check_square(a, "newton_schulz_sqrtm")
-    if iters < 1:
-        raise ValueError(f"newton_schulz_sqrtm needs iters >= 1, got {iters}.")
+    a = _as_square(a, "newton_schulz_sqrtm")
+    checks.raise_if_any(_at_least("iters", iters, 1), "newton_schulz_sqrtm")
     trace = jnp.trace(a, axis1=-2, axis2=-1)[..., None, None]
     # Guard 0 traces with `where`, not `maximum`: the unused branch's NaN derivative is dropped.
     # The floor keeps trace² normal in float32, so that the backward pass never sees 0/0.
@@ -108,12 +195,18 @@ def default_eps(eigenvalues):
     return jax.lax.stop_gradient(jnp.maximum(floor, 1e-20))
 
 
+def clamp_eigenvalues(lam, eps=None):
+    """λ̂ = max(λ, eps) for eigenvalues [..., d]; eps None is the per-sample `default_eps`."""
+    floor = default_eps(lam) if eps is None else jnp.asarray(eps, lam.dtype)
+    return jnp.maximum(lam, floor)
+
+
 def _clamped_eigh(a, eps, topn):
     """Eigendecomposition of sym(a) with λ̂ = max(λ, eps); the `topn` smallest set to eps."""
     lam, u = jnp.linalg.eigh(_sym(a), symmetrize_input=False)
-    floor = default_eps(lam) if eps is None else jnp.asarray(eps, lam.dtype)
-    lam_hat = jnp.maximum(lam, floor)
+    lam_hat = clamp_eigenvalues(lam, eps)
     if topn:
+        floor = default_eps(lam) if eps is None else jnp.asarray(eps, lam.dtype)
         lam_hat = jnp.where(jnp.arange(lam.shape[-1]) < topn, floor, lam_hat)
     return lam_hat, u
 
@@ -155,8 +248,7 @@ def _loewner(fn, lam):
 class _Exact(NamedTuple):
     matrices: tuple  # names in _FUNCTIONS, each giving U f(Λ̂) Uᵀ
     scalars: tuple  # names in _FUNCTIONS, each giving Σ_i h(λ̂_i)
-    eps: float | None
-    topn: int
+    options: SpectralOptions  # eps and topn
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -165,7 +257,7 @@ def _spectral_exact(a, spec):
 
 
 def _spectral_exact_fwd(a, spec):
-    lam, u = _clamped_eigh(a, spec.eps, spec.topn)
+    lam, u = _clamped_eigh(a, spec.options.eps, spec.options.topn)
     mats = tuple(_rebuild(u, _FUNCTIONS[name].f(lam)) for name in spec.matrices)
     scalars = tuple(jnp.sum(_FUNCTIONS[name].f(lam), axis=-1) for name in spec.scalars)
     return (mats, scalars), (lam, u)
@@ -195,14 +287,6 @@ _spectral_exact.defvjp(_spectral_exact_fwd, _spectral_exact_bwd)
 
 # ----------------------------------------------------------------------------------------------
 # The papers' eigen-level gradients: ∂L/∂Σ = U (Kᵀ ∘ (Uᵀ G_U) + diag(g_λ)) Uᵀ
-
-
-class _Eigen(NamedTuple):
-    grad: str  # one of _K_GRADS
-    eps: float | None
-    topn: int
-    taylor_degree: int
-    trunc_threshold: float
 
 
 @functools.cache
@@ -235,43 +319,43 @@ def _replace_inf(x):
     return jnp.where(x == jnp.inf, largest, jnp.where(x == -jnp.inf, smallest, x))
 
 
-def _k_matrix(spec, lam):
-    """K_ij ≈ 1/(λ̂i − λ̂j), K_ii = 0, by the chosen approximation (METHOD §3)."""
+def _k_matrix(options, lam):
+    """K_ij ≈ 1/(λ̂i − λ̂j), K_ii = 0, by the approximation options.grad names (docs/method.md §3)."""
     li, lj = lam[..., :, None], lam[..., None, :]
     off_diagonal = ~jnp.eye(lam.shape[-1], dtype=bool)
-    if spec.grad in ("ordinary", "trunc"):
+    if options.grad in ("ordinary", "trunc"):
         k = jnp.where(off_diagonal, 1.0 / (li - lj), 0.0)
-        if spec.grad == "trunc":
-            return jnp.clip(k, -spec.trunc_threshold, spec.trunc_threshold)
+        if options.grad == "trunc":
+            return jnp.clip(k, -options.trunc_threshold, options.trunc_threshold)
         return _replace_inf(k)
     # 1/(λi − λj) = c/(1 − x) with x = min/max ∈ (0, 1] and c = ±1/max.
     x = jnp.minimum(li, lj) / jnp.maximum(li, lj)
     c = jnp.where(li >= lj, 1.0 / li, -1.0 / lj)
-    if spec.grad == "taylor":
-        return jnp.where(off_diagonal, c * _polyval_ascending(np.ones(spec.taylor_degree + 1), x), 0.0)
+    if options.grad == "taylor":
+        return jnp.where(off_diagonal, c * _polyval_ascending(np.ones(options.taylor_degree + 1), x), 0.0)
     p, q = pade_coefficients()
     return _replace_inf(jnp.where(off_diagonal, c * _polyval_ascending(p, x) / _polyval_ascending(q, x), 0.0))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _eigh_eigen_grad(a, spec):
-    return _clamped_eigh(a, spec.eps, spec.topn)
+def _eigh_eigen_grad(a, options):
+    return _clamped_eigh(a, options.eps, options.topn)
 
 
-def _eigh_eigen_grad_fwd(a, spec):
-    lam, u = _clamped_eigh(a, spec.eps, spec.topn)
+def _eigh_eigen_grad_fwd(a, options):
+    lam, u = _clamped_eigh(a, options.eps, options.topn)
     return (lam, u), (lam, u)
 
 
-def _eigh_eigen_grad_bwd(spec, residuals, cotangents):
+def _eigh_eigen_grad_bwd(options, residuals, cotangents):
     lam, u = residuals
     g_lam, g_u = cotangents
-    inner = _k_matrix(spec, lam).swapaxes(-1, -2) * _mm(_t(u), g_u)
+    inner = _k_matrix(options, lam).swapaxes(-1, -2) * _mm(_t(u), g_u)
     inner = inner + g_lam[..., None] * jnp.eye(lam.shape[-1], dtype=lam.dtype)
-    if spec.grad != "trunc":
+    if options.grad != "trunc":
         inner = _replace_inf(inner)
     grad = _mm(u, _mm(inner, _t(u)))
-    if spec.grad != "trunc":
+    if options.grad != "trunc":
         grad = _replace_inf(grad)
     return (_sym(grad),)
 
@@ -283,18 +367,18 @@ _eigh_eigen_grad.defvjp(_eigh_eigen_grad_fwd, _eigh_eigen_grad_bwd)
 # SVD-Newton: eigen forward, Newton–Schulz backward
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _sqrtm_newton_grad(a, eps, topn, iters):
-    lam, u = _clamped_eigh(a, eps, topn)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _sqrtm_newton_grad(a, options):
+    lam, u = _clamped_eigh(a, options.eps, options.topn)
     return _rebuild(u, jnp.sqrt(lam))
 
 
-def _sqrtm_newton_grad_fwd(a, eps, topn, iters):
-    return _sqrtm_newton_grad(a, eps, topn, iters), a
+def _sqrtm_newton_grad_fwd(a, options):
+    return _sqrtm_newton_grad(a, options), a
 
 
-def _sqrtm_newton_grad_bwd(eps, topn, iters, a, g):
-    _, vjp = jax.vjp(functools.partial(newton_schulz_sqrtm, iters=iters), _sym(a))
+def _sqrtm_newton_grad_bwd(options, a, g):
+    _, vjp = jax.vjp(functools.partial(newton_schulz_sqrtm, iters=options.newton_iters), _sym(a))
     return (_sym(vjp(g)[0]),)
 
 
@@ -305,52 +389,21 @@ _sqrtm_newton_grad.defvjp(_sqrtm_newton_grad_fwd, _sqrtm_newton_grad_bwd)
 # Dispatch and public functions
 
 
-def _spectral(a, matrices, scalars, grad, eps, topn, opts):
-    """U f(Λ̂) Uᵀ for each name in `matrices` and Σ h(λ̂) for each in `scalars`, with `grad`."""
-    if grad == "exact":
-        return _spectral_exact(a, _Exact(tuple(matrices), tuple(scalars), eps, topn))
-    if grad in _K_GRADS:
-        spec = _Eigen(grad, eps, topn, int(opts.get("taylor_degree", 100)), float(opts.get("trunc_threshold", 1e10)))
-        lam, u = _eigh_eigen_grad(a, spec)
+def _spectral(a, matrices, scalars, options):
+    """U f(Λ̂) Uᵀ for each name in `matrices` and Σ h(λ̂) for each in `scalars`, with options.grad."""
+    if options.grad == "exact":
+        return _spectral_exact(a, _Exact(tuple(matrices), tuple(scalars), options))
+    if options.grad in _K_GRADS:
+        lam, u = _eigh_eigen_grad(a, options)
         mats = tuple(_rebuild(u, _FUNCTIONS[name].f(lam)) for name in matrices)
         return mats, tuple(jnp.sum(_FUNCTIONS[name].f(lam), axis=-1) for name in scalars)
     # newton: only the square root takes the Newton–Schulz gradient; other parts are exact.
-    iters = int(opts.get("newton_iters", 10))
     others = tuple(name for name in matrices if name != "sqrt")
-    other_mats, sums = _spectral_exact(a, _Exact(others, tuple(scalars), eps, topn))
+    other_mats, sums = _spectral_exact(a, _Exact(others, tuple(scalars), options))
     by_name = dict(zip(others, other_mats))
     if "sqrt" in matrices:
-        by_name["sqrt"] = _sqrtm_newton_grad(a, eps, topn, iters)
+        by_name["sqrt"] = _sqrtm_newton_grad(a, options)
     return tuple(by_name[name] for name in matrices), sums
-
-
-_OPTS = ("taylor_degree", "trunc_threshold", "newton_iters", "topn")
-
-
-def _validate(a, name, grad, opts):
-    _check_square(a, name)
-    if grad not in SQRTM_GRADS:
-        raise ValueError(f"{name}: unknown grad {grad!r}; choose one of {', '.join(SQRTM_GRADS)}.")
-    unknown = set(opts) - set(_OPTS)
-    if unknown:
-        raise ValueError(f"{name}: unknown option(s) {sorted(unknown)}; known: {', '.join(_OPTS)}.")
-    topn = int(opts.get("topn", 0))
-    if not 0 <= topn <= a.shape[-1]:
-        raise ValueError(f"{name}: topn={topn} must lie in [0, d={a.shape[-1]}].")
-    return topn
-
-
-def sqrtm(a, *, grad="exact", eps=None, **opts):
-    """Matrix square root of symmetric PSD `a` ([..., d, d]) by `eigh`, λ clamped at `eps`.
-
-    grad: "exact" (Daleckii–Krein, default), or the papers' variants "ordinary", "pade",
-    "taylor" (opt `taylor_degree`, 100), "trunc" (opt `trunc_threshold`, 1e10), "newton"
-    (opt `newton_iters`, 10). Opt `topn`: the n smallest eigenvalues set to eps (SVD-TopN).
-    eps: None for the default floor (see `default_eps`); a number is an absolute floor.
-    """
-    topn = _validate(a, "sqrtm", grad, opts)
-    (root,), _ = _spectral(a, ("sqrt",), (), grad, eps, topn, opts)
-    return root
 
 
 def _safe_sqrt(x):
@@ -365,41 +418,77 @@ def _unit_frobenius(a):
     return a / jnp.maximum(norm, 1e-12)
 
 
-def seb(a, *, grad="exact", variant="code", eps=None, **opts):
-    """Scaling Eigen Branch output for symmetric PSD `a` ([..., d, d]), METHOD §2c.
-
-    variant "code" (default, the released code): Z = (1 + c)·Σ^{1/2}, c = ‖Q Sᵀ‖_F with
-    Q = Σ^{1/2}, S = e^{−Σ}; the spectrum is unchanged, SEB acts through the gradient.
-    "a": Z = Q + Q ∘ (QSᵀ/‖QSᵀ‖_F). "b": Z = Q + QSᵀ/‖QSᵀ‖_F.
-    grad and opts as in `sqrtm` (they choose the square root's gradient).
-    """
-    topn = _validate(a, "seb", grad, opts)
-    if variant not in SEB_VARIANTS:
-        raise ValueError(f"seb: unknown variant {variant!r}; choose one of {', '.join(SEB_VARIANTS)}.")
-    if variant == "code":
-        (root,), (c_squared,) = _spectral(a, ("sqrt",), ("x_exp2",), grad, eps, topn, opts)
+def _seb(a, options):
+    """SEB of `options.seb_variant` (see `seb`)."""
+    if options.seb_variant == "code":
+        (root,), (c_squared,) = _spectral(a, ("sqrt",), ("x_exp2",), options)
         return (1.0 + _safe_sqrt(c_squared))[..., None, None] * root
-    (root, branch), _ = _spectral(a, ("sqrt", "sqrt_exp"), (), grad, eps, topn, opts)
-    if variant == "a":
+    (root, branch), _ = _spectral(a, ("sqrt", "sqrt_exp"), (), options)
+    if options.seb_variant == "a":
         return root + root * _unit_frobenius(branch)
     return root + _unit_frobenius(branch)
 
 
+def normalize(cov, options: SpectralOptions):
+    """N(Σ) of covariances [..., d, d] as `options` say (norm: sqrt, seb, isqrt or none), in cov's dtype.
+
+    `options` were validated when made; only their fit to the matrices (topn ≤ d) is checked here.
+    """
+    if options.topn > cov.shape[-1]:
+        raise ValueError(f"topn={options.topn} must lie in [0, d={cov.shape[-1]}].")
+    if options.norm == "sqrt":
+        (root,), _ = _spectral(cov, ("sqrt",), (), options)
+        return root
+    if options.norm == "seb":
+        return _seb(cov, options)
+    if options.norm == "isqrt":
+        return newton_schulz_sqrtm(cov, iters=options.isqrt_iters)
+    return cov
+
+
+def _options(name, options, **fixed):
+    """SpectralOptions from a public function's keyword options (gradient fields only) and its `fixed` fields."""
+    checks.raise_if_any(checks.unknown_fields(options, _GRAD_FIELDS, noun="option"), name)
+    return SpectralOptions.from_mapping({**options, **fixed}, name)
+
+
+def sqrtm(a, **options):
+    """Matrix square root of symmetric PSD `a` ([..., d, d]) by `eigh`, λ clamped at `eps`.
+
+    Options (SpectralOptions fields): grad "exact" (Daleckii–Krein, default), or the papers'
+    variants "ordinary", "pade", "taylor" (`taylor_degree`, 100), "trunc" (`trunc_threshold`,
+    1e10), "newton" (`newton_iters`, 10); `topn`: the n smallest eigenvalues set to eps
+    (SVD-TopN); `eps`: None for the default floor (see `default_eps`), a number is an absolute
+    floor. Non-symmetric input is symmetrised, negative eigenvalues are clamped.
+    """
+    return normalize(_as_square(a, "sqrtm"), _options("sqrtm", options, norm="sqrt"))
+
+
+def seb(a, *, variant=SpectralOptions.seb_variant, **options):
+    """Scaling Eigen Branch output for symmetric PSD `a` ([..., d, d]), docs/method.md §2c.
+
+    variant "code" (default, the released code): Z = (1 + c)·Σ^{1/2}, c = ‖Q Sᵀ‖_F with
+    Q = Σ^{1/2}, S = e^{−Σ}; the spectrum is unchanged, SEB acts through the gradient.
+    "a": Z = Q + Q ∘ (QSᵀ/‖QSᵀ‖_F). "b": Z = Q + QSᵀ/‖QSᵀ‖_F.
+    Options as in `sqrtm` (they choose the square root's gradient).
+    """
+    return normalize(_as_square(a, "seb"), _options("seb", options, norm="seb", seb_variant=variant))
+
+
 def seb_scale(a, *, eps=None):
     """1 + c, the factor of the released SEB (c = ‖Q Sᵀ‖_F = (Σ λ̂ e^{−2λ̂})^{1/2}), exact gradient."""
-    _check_square(a, "seb_scale")
-    _, (c_squared,) = _spectral(a, (), ("x_exp2",), "exact", eps, 0, {})
+    a = _as_square(a, "seb_scale")
+    _, (c_squared,) = _spectral(a, (), ("x_exp2",), _options("seb_scale", {"eps": eps}))
     return 1.0 + _safe_sqrt(c_squared)
 
 
 def eigenvalues(a):
     """Ascending eigenvalues of sym(a), without clamping (for analysis; no custom gradient)."""
-    _check_square(a, "eigenvalues")
-    return jnp.linalg.eigvalsh(_sym(a))
+    return jnp.linalg.eigvalsh(_sym(_as_square(a, "eigenvalues")))
 
 
 # ----------------------------------------------------------------------------------------------
-# The square root split by eigenvalue rank (analysis, METHOD §5)
+# The square root split by eigenvalue rank (analysis, docs/method.md §5)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -443,7 +532,7 @@ def sqrtm_split(a, rank, *, eps=None):
     Q_large + Q_small = sqrtm(a). Exact (Loewner) gradient for both parts; used by the
     attribution maps to ask which part of the spectrum explains a class score.
     """
-    _check_square(a, "sqrtm_split")
+    a = _as_square(a, "sqrtm_split")
     if not 0 <= rank <= a.shape[-1]:
         raise ValueError(f"sqrtm_split: rank={rank} must lie in [0, d={a.shape[-1]}].")
     return _sqrtm_split(a, int(rank), eps)

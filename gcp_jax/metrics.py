@@ -1,10 +1,13 @@
 """Run logging: TensorBoard event files, workdir/metrics.jsonl, a progress bar, messages.
 
 Only process 0 writes or prints; the other processes get silent no-op objects, so callers
-never branch on the process index.
+never branch on the process index. Every message of gcp_jax goes through the `gcp_jax` logger
+(the input pipeline's through its child `gcp_jax.data`); `setup_logging()` prints it on stdout,
+above the progress bar, whatever absl or the root logger are set to.
 """
 
 import json
+import logging
 import math
 import os
 import sys
@@ -16,6 +19,7 @@ import jax
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+LOGGER = logging.getLogger("gcp_jax")
 
 
 def is_writer() -> bool:
@@ -23,14 +27,37 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
-def log(message: str) -> None:
-    """Print one line on process 0 (above the progress bar when one is shown)."""
-    if not is_writer():
-        return
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+class _AboveProgressBar(logging.Handler):
+    """Writes records on stdout through tqdm, so that a progress bar stays below them."""
 
-    tqdm.write(message, file=sys.stdout)
-    sys.stdout.flush()
+    def emit(self, record):
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stdout)
+        sys.stdout.flush()
+
+
+def setup_logging() -> None:
+    """Show gcp_jax's messages: INFO and above on process 0, warnings and errors on the others (idempotent)."""
+    if not any(isinstance(h, _AboveProgressBar) for h in LOGGER.handlers):
+        handler = _AboveProgressBar()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        LOGGER.addHandler(handler)
+        LOGGER.propagate = False
+    LOGGER.setLevel(logging.INFO if is_writer() else logging.WARNING)
+
+
+def log(message: str) -> None:
+    """One line of information about the run (process 0 prints it once `setup_logging` ran)."""
+    LOGGER.info(message)
+
+
+def describe_eval(m: Mapping[str, Any]) -> str:
+    """One line of eval metrics: top-1, top-5, mean per-class accuracy, loss and image count."""
+    return (
+        f"top1 {m['top1']:.4f} top5 {m['top5']:.4f} mean-class {m['mean_class_acc']:.4f} "
+        f"loss {m['loss']:.4f} ({m['count']} images)"
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -59,7 +86,7 @@ class MetricsWriter:
         self.path = os.path.join(workdir, METRICS_FILE)
         if start_step is not None:
             _truncate_after(self.path, start_step)
-        self._jsonl = open(self.path, "a", encoding="utf-8")
+        self._jsonl = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the writer's life)
         self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), purge_step=start_step or None)
 
     def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:

@@ -28,10 +28,9 @@ import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
+from gcp_jax import imagenet
 from gcp_jax.models import ARCHS, EFFICIENTNET_PARAMS, RESNET_PARAMS, create_model
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
-IMAGENET_STD = np.array([0.229, 0.224, 0.225])
 KERAS_SUFFIXES = (".h5", ".hdf5")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
@@ -110,7 +109,7 @@ def _read_keras(path) -> dict[str, list[tuple[str, np.ndarray]]]:
     except OSError as e:
         raise ValueError(f"{path} is not a readable HDF5 file ({e}).") from None
     with f:
-        root = f["model_weights"] if "model_weights" in f else f  # a full tf.keras model file
+        root = f.get("model_weights", f)  # a full tf.keras model file keeps its weights in a group
         if _h5_list_attr(root, "layer_names"):
             return _read_keras_legacy(root)
         if "layers" in f:
@@ -126,12 +125,12 @@ def _check_keras_normalization(layers, path) -> None:
     """
     for name in [n for n in layers if n.split("_")[0] == "normalization"]:
         mean, var = (np.asarray(a, np.float64).reshape(-1) for _, a in layers.pop(name)[:2])
-        imagenet = (
+        is_imagenet = (
             mean.shape == (3,)
-            and np.allclose(mean, IMAGENET_MEAN, atol=1e-4)
-            and (np.allclose(var, IMAGENET_STD, atol=1e-4) or np.allclose(var, IMAGENET_STD**2, atol=1e-4))
+            and np.allclose(mean, imagenet.MEAN, atol=1e-4)
+            and (np.allclose(var, imagenet.STD, atol=1e-4) or np.allclose(var, imagenet.STD**2, atol=1e-4))
         )
-        if not imagenet:
+        if not is_imagenet:
             raise ValueError(
                 f"{path}: input layer {name!r} normalises with mean {mean.round(4).tolist()} and "
                 f"variance {var.round(4).tolist()}, not ImageNet's, but gcp_jax models take "

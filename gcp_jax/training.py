@@ -1,12 +1,17 @@
-"""Training: config validation, the optimiser, the train state, jitted sharded steps, the loop.
+"""Training: the train state, jitted sharded steps, evaluation, restore, and the loop.
 
 Steps are `jax.jit` functions over global arrays (see `gcp_jax.sharding`): parameters and
 optimiser state replicated, the batch split over the "data" mesh axis, the state donated.
 BatchNorm statistics and the loss are therefore over the global batch, whatever the number of
 devices or processes. The step functions need only jax, flax and optax; the loop adds the
-input pipeline (`gcp_jax.data`), Orbax checkpoints and logging.
+input pipeline (`gcp_jax.data`, which imports TensorFlow only when first read), Orbax
+checkpoints and logging. The command line is `train.py`; the config is `gcp_jax.config`.
 """
 
+from __future__ import annotations
+
+import dataclasses
+import json
 import os
 import signal
 import threading
@@ -22,11 +27,10 @@ import optax
 from ml_collections import ConfigDict
 
 from gcp_jax import checkpoint as ckpt_lib
+from gcp_jax import config as config_lib
+from gcp_jax import data, models, optim, sharding, spectrum
 from gcp_jax import metrics as metrics_lib
-from gcp_jax import sharding
 
-SCHEDULES = ("step", "cosine")
-CLASSIFIER = "classifier"  # params[CLASSIFIER] gets the classifier learning-rate factor
 CONFIG_FILE = "config.json"
 
 
@@ -34,97 +38,42 @@ class NonFiniteError(RuntimeError):
     """Too many steps had a non-finite loss or gradient."""
 
 
-# --------------------------------------------------------------------------------------
-# Config
+@flax.struct.dataclass
+class TrainState:
+    """Everything a checkpoint must hold to continue a run exactly."""
+
+    step: jax.Array  # batches consumed (int32)
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    nonfinite: jax.Array  # steps skipped for a non-finite loss or gradient (int32)
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """What a training run (or an eval_only) ended with."""
+
+    step: int  # the state's step
+    final: dict[str, float] | None  # the last eval's metrics (None before the first eval)
+    best_top1: float  # the best eval top-1 so far (-1 before the first eval)
+    best_step: int  # its step (-1 before the first eval)
+    preempted: bool  # stopped by a signal before the last step
+    state: TrainState
+    workdir: str
+    checkpoints: str  # the checkpoint directory
 
 
-def _one_of(value: Any, choices: Iterable[Any], name: str) -> None:
-    choices = tuple(choices)
-    _check(value in choices, f"config.{name}={value!r} is not one of {', '.join(map(str, choices))}.")
+def configure_jax(config: ConfigDict) -> None:
+    """Process-wide JAX settings a run of `config` needs: 64-bit types for a float64 spectral head.
 
-
-def validate_config(config: ConfigDict, *, num_devices: int | None = None) -> None:
-    """Reject impossible values up front with one sentence (ValueError / FileNotFoundError).
-
-    Unknown field names are rejected earlier, by `ml_collections` (the config is locked).
+    Called by the entry points (train.py, the analysis CLI) before anything is traced.
     """
-    num_devices = jax.device_count() if num_devices is None else num_devices
-    for name in ("batch_size", "log_every_steps", "keep_checkpoints"):
-        _check(config[name] >= 1, f"config.{name} must be at least 1, got {config[name]}.")
-    for name in (
-        "eval_batch_size",
-        "eval_every_epochs",
-        "checkpoint_every_steps",
-        "max_nonfinite_steps",
-        "spectrum_every_steps",
-    ):
-        _check(config[name] >= 0, f"config.{name} must be 0 or more, got {config[name]}.")
-    _check(
-        config.num_train_steps == -1 or config.num_train_steps >= 1,
-        f"config.num_train_steps must be -1 (train num_epochs) or at least 1, got {config.num_train_steps}.",
-    )
-    _check(
-        config.num_train_steps >= 1 or config.num_epochs > 0,
-        f"config.num_epochs must be positive when num_train_steps is -1, got {config.num_epochs}.",
-    )
-    for name, size in (("batch_size", config.batch_size), ("eval_batch_size", eval_batch_size(config))):
-        _check(
-            size % num_devices == 0,
-            f"config.{name}={size} is not divisible by the {num_devices} devices; use a multiple of {num_devices}.",
-        )
-
-    m = config.model
-    if m.pretrained and not os.path.exists(m.pretrained):
-        raise FileNotFoundError(f"config.model.pretrained={m.pretrained!r} does not exist; give a weights file or ''.")
-    for name in ("dropout_rate", "drop_connect_rate"):
-        value = m[name]
-        _check(value is None or 0 <= value < 1, f"config.model.{name} must be in [0, 1), got {value}.")
-    g = config.gcp
-    _check(g.dim >= 0, f"config.gcp.dim must be 0 (no reduction) or positive, got {g.dim}.")
-    _check(g.isqrt_iters >= 1, f"config.gcp.isqrt_iters must be at least 1, got {g.isqrt_iters}.")
-    _check(g.eps is None or g.eps > 0, f"config.gcp.eps must be positive or None (relative default), got {g.eps}.")
-    build_model(config, num_classes=2)  # arch, head, dtypes, gcp.norm/grad/seb_variant: ValueError naming the field
-
-    o = config.optim
-    _one_of(o.schedule, SCHEDULES, "optim.schedule")
-    _check(o.learning_rate > 0, f"config.optim.learning_rate must be positive, got {o.learning_rate}.")
-    _check(0 <= o.momentum < 1, f"config.optim.momentum must be in [0, 1), got {o.momentum}.")
-    _check(
-        o.classifier_lr_factor > 0, f"config.optim.classifier_lr_factor must be positive, got {o.classifier_lr_factor}."
-    )
-    _check(o.weight_decay >= 0, f"config.optim.weight_decay must be 0 or more, got {o.weight_decay}.")
-    _check(o.grad_clip_norm >= 0, f"config.optim.grad_clip_norm must be 0 (off) or more, got {o.grad_clip_norm}.")
-    _check(0 < o.decay_factor <= 1, f"config.optim.decay_factor must be in (0, 1], got {o.decay_factor}.")
-    _check(o.warmup_epochs >= 0, f"config.optim.warmup_epochs must be 0 or more, got {o.warmup_epochs}.")
-    epochs = list(o.decay_epochs)
-    _check(
-        all(e >= 0 for e in epochs) and epochs == sorted(epochs),
-        f"config.optim.decay_epochs must be increasing epoch numbers, got {tuple(epochs)}.",
-    )
-    _validate_data(config.data)
-
-
-def _validate_data(data_cfg: ConfigDict) -> None:
-    """The input pipeline's own checks of config.data (choices, sizes)."""
-    from gcp_jax.data import config as data_config  # pylint: disable=g-import-not-at-top
-
-    data_config.resolve(data_cfg)
-
-
-def eval_batch_size(config: ConfigDict) -> int:
-    """The global eval batch (config.eval_batch_size, or batch_size when 0)."""
-    return config.eval_batch_size or config.batch_size
+    if config.gcp.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
 
 
 def build_model(config: ConfigDict, num_classes: int):
     """The classifier of `config.model` and `config.gcp` (see gcp_jax.models.create_model)."""
-    from gcp_jax import models  # pylint: disable=g-import-not-at-top
-
     m = config.model
     return models.create_model(
         m.arch,
@@ -139,88 +88,7 @@ def build_model(config: ConfigDict, num_classes: int):
 
 
 # --------------------------------------------------------------------------------------
-# Optimiser
-
-
-def learning_rate_schedule(optim_cfg: ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
-    """lr(step): step decay (x decay_factor at each of decay_epochs) or cosine to 0, after a linear warmup.
-
-    Decay boundaries are at absolute epochs (epoch e starts at step e * steps_per_epoch), as
-    PyTorch's MultiStepLR stepped once per epoch.
-    """
-    base = optim_cfg.learning_rate
-    warmup = int(round(optim_cfg.warmup_epochs * steps_per_epoch))
-    boundaries = jnp.asarray([int(round(e * steps_per_epoch)) for e in optim_cfg.decay_epochs], jnp.int32)
-    factor, cosine = optim_cfg.decay_factor, optim_cfg.schedule == "cosine"
-
-    def schedule(step):
-        step = jnp.asarray(step)
-        if cosine:
-            t = jnp.clip((step - warmup) / max(total_steps - warmup, 1), 0.0, 1.0)
-            lr = 0.5 * base * (1.0 + jnp.cos(jnp.pi * t))
-        else:
-            lr = base * factor ** jnp.sum(step >= boundaries)
-        if warmup:
-            lr = lr * jnp.minimum(1.0, (step + 1) / warmup)
-        return jnp.asarray(lr, jnp.float32)
-
-    return schedule
-
-
-def _classifier_mask(params: Mapping[str, Any]) -> Any:
-    """True on the leaves of params["classifier"], False elsewhere."""
-    return {k: jax.tree.map(lambda _, c=(k == CLASSIFIER): c, v) for k, v in params.items()}
-
-
-def scale_by_step_schedule(schedule: optax.Schedule) -> optax.GradientTransformationExtraArgs:
-    """updates * -schedule(step), with `step` the run's global step passed to `update(..., step=)`.
-
-    The learning rate follows the number of batches seen, so a skipped (non-finite) step does not
-    shift the schedule.
-    """
-
-    def init(params):
-        del params
-        return optax.EmptyState()
-
-    def update(updates, state, params=None, *, step, **extra):
-        del params, extra
-        lr = schedule(step)
-        return jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates), state
-
-    return optax.GradientTransformationExtraArgs(init, update)
-
-
-def make_optimizer(optim_cfg: ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformationExtraArgs:
-    """The reference SGD (PyTorch `clip_grad_norm_` then `SGD(momentum, weight_decay)` with two param groups).
-
-    g <- clip(g, grad_clip_norm) + weight_decay * theta   (all parameters)
-    b <- momentum * b + g                                  (PyTorch form, no dampening)
-    theta <- theta - lr(step) * f * b,   f = classifier_lr_factor on params["classifier"], else 1.
-    Call `update(grads, opt_state, params, step=global_step)`.
-    """
-    return optax.chain(
-        optax.clip_by_global_norm(optim_cfg.grad_clip_norm) if optim_cfg.grad_clip_norm else optax.identity(),
-        optax.add_decayed_weights(optim_cfg.weight_decay) if optim_cfg.weight_decay else optax.identity(),
-        optax.trace(decay=optim_cfg.momentum, nesterov=optim_cfg.nesterov),
-        optax.masked(optax.scale(optim_cfg.classifier_lr_factor), _classifier_mask),
-        scale_by_step_schedule(schedule),
-    )
-
-
-# --------------------------------------------------------------------------------------
 # State and steps
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a checkpoint must hold to continue a run exactly."""
-
-    step: jax.Array  # batches consumed (int32)
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-    nonfinite: jax.Array  # steps skipped for a non-finite loss or gradient (int32)
 
 
 def init_variables(model, image_size: int, seed: int, mesh) -> dict[str, Any]:
@@ -253,13 +121,14 @@ def _where_tree(pred, new, old):
 
 
 def make_train_step(
-    model, tx: optax.GradientTransformationExtraArgs, schedule: optax.Schedule, mesh, seed: int = 0
+    model, tx: optax.GradientTransformationExtraArgs, mesh, seed: int = 0
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """jit(state, batch) -> (state, metrics); batch = {"image" [B,S,S,3], "label" [B]} global arrays.
 
     A step whose loss or gradient is not finite leaves params, BatchNorm statistics and optimiser
     state unchanged and increments `state.nonfinite`. Dropout keys are fold_in(seed, step), so a
-    resumed run draws the same masks as an uninterrupted one. The state is donated.
+    resumed run draws the same masks as an uninterrupted one. The state is donated. Metrics:
+    loss, top1 and grad_norm of the batch.
     """
     dropout_key = jax.random.key(seed + 2)
 
@@ -289,12 +158,7 @@ def make_train_step(
             opt_state=_where_tree(finite, opt_state, state.opt_state),
             nonfinite=state.nonfinite + (~finite).astype(jnp.int32),
         )
-        metrics = {
-            "loss": loss,
-            "top1": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-            "grad_norm": grad_norm,
-            "lr": schedule(state.step),
-        }
+        metrics = {"loss": loss, "top1": jnp.mean(jnp.argmax(logits, -1) == batch["label"]), "grad_norm": grad_norm}
         return new, metrics
 
     repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
@@ -369,6 +233,125 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------------------
+# A run: what it needs besides the config, and its checkpoints
+
+
+class Run:
+    """What a run of `config` needs: mesh, data set info, model, optimiser, jitted steps."""
+
+    def __init__(self, config: ConfigDict, mesh=None):
+        self.config = config
+        self.mesh = sharding.make_mesh() if mesh is None else mesh
+        self.info = data.dataset_info(config.data)
+        self.num_classes = self.info.num_classes
+        self.steps_per_epoch = data.steps_per_epoch(self.info.num_train, config.batch_size)
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"config.batch_size={config.batch_size} exceeds the {self.info.num_train} training examples."
+            )
+        self.total_steps = (
+            config.num_train_steps if config.num_train_steps > 0 else round(config.num_epochs * self.steps_per_epoch)
+        )
+        self.model = build_model(config, self.num_classes)
+        self.schedule = optim.learning_rate_schedule(config.optim, self.steps_per_epoch, self.total_steps)
+        self.tx = optim.make_optimizer(config.optim, self.schedule)
+        self.train_step = make_train_step(self.model, self.tx, self.mesh, config.seed)
+        self.eval_step = make_eval_step(self.model, self.num_classes, self.mesh)
+        self._eigenvalues = jax.jit(
+            lambda v, x: spectrum.eigenvalues(self.model, v, x), out_shardings=sharding.replicated(self.mesh)
+        )
+
+    def initial_state(self) -> TrainState:
+        """Step-0 state: random init, then the pretrained weights when config.model.pretrained is set."""
+        variables = init_variables(self.model, self.config.data.image_size, self.config.seed, self.mesh)
+        if self.config.model.pretrained:
+            from gcp_jax import pretrained
+
+            loaded, report = pretrained.init_from_pretrained(
+                jax.device_get(variables), self.config.model.pretrained, self.config.model.arch
+            )
+            metrics_lib.log(f"pretrained: {report}")
+            variables = sharding.replicate(loaded, self.mesh)
+        else:
+            metrics_lib.log(
+                "model.pretrained is empty: random initialisation (the FGVC protocols fine-tune ImageNet "
+                "weights: --config.model.pretrained=FILE)."
+            )
+        return create_train_state(variables, self.tx, self.mesh)
+
+    def abstract_state(self) -> TrainState:
+        """The state's shapes, dtypes and shardings, without computing it (a restore template)."""
+        image = jax.ShapeDtypeStruct((1, self.config.data.image_size, self.config.data.image_size, 3), jnp.float32)
+
+        def init(image):
+            keys = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+            variables = self.model.init(keys, image, train=False)
+            params = variables["params"]
+            zero = jnp.zeros((), jnp.int32)
+            return TrainState(zero, params, variables.get("batch_stats", {}), self.tx.init(params), zero)
+
+        repl = sharding.replicated(self.mesh)
+        shapes = jax.eval_shape(init, image)
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
+
+    def evaluate(self, state: TrainState) -> dict[str, float]:
+        local = sharding.local_batch_size(config_lib.eval_batch_size(self.config), self.mesh)
+        batches = data.eval_batches(
+            self.config.data, batch_size=local, process_index=jax.process_index(), process_count=jax.process_count()
+        )
+        return evaluate(self.eval_step, state, batches, self.num_classes, self.mesh)
+
+    def train_batches(self, start_step: int):
+        local = sharding.local_batch_size(self.config.batch_size, self.mesh)
+        return data.train_batches(
+            self.config.data,
+            batch_size=local,
+            seed=self.config.seed,
+            start_step=start_step,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+
+    def is_eval_step(self, step: int) -> bool:
+        every = self.config.eval_every_epochs * self.steps_per_epoch
+        return step == self.total_steps or (every > 0 and step % every == 0)
+
+    def spectrum_summary(self, state: TrainState, batch: Mapping[str, jax.Array]) -> dict[str, float]:
+        """Mean covariance-spectrum statistics of a (global) batch, eval mode (gcp_jax.spectrum)."""
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        return spectrum.mean_summary(np.asarray(self._eigenvalues(variables, batch["image"])))
+
+
+def restore(run: Run, workdir: str, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
+    """(state, meta) of the checkpoint at `step` (default: the latest) in workdir, placed as `run` places it.
+
+    The template is `run.abstract_state()`: nothing is initialised or loaded only to be overwritten.
+    """
+    checkpoints = ckpt_lib.Checkpoints(workdir, use_async=False)
+    try:
+        return checkpoints.restore(run.abstract_state(), step)
+    finally:
+        checkpoints.close()
+
+
+def load_config(workdir: str) -> ConfigDict:
+    """The config a run saved in workdir/config.json."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: point --workdir at a directory that train.py wrote.")
+    with open(path, encoding="utf-8") as f:
+        return ConfigDict(json.load(f))
+
+
+def save_config(config: ConfigDict, workdir: str) -> None:
+    """workdir/config.json (process 0), the config of the run beside its checkpoints."""
+    if metrics_lib.is_writer():
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+# --------------------------------------------------------------------------------------
 # The loop
 
 
@@ -394,113 +377,30 @@ class _Preemption:
 
     def requested(self, step: int) -> bool:
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+            from jax.experimental import multihost_utils
 
             return multihost_utils.reached_preemption_sync_point(step)
         return self._flag.is_set()
 
 
-class Run:
-    """What a run needs besides the config: mesh, data set info, model, optimiser, jitted steps."""
-
-    def __init__(self, config: ConfigDict, mesh=None):
-        from gcp_jax import data  # pylint: disable=g-import-not-at-top
-
-        if config.gcp.dtype == "float64" and not jax.config.jax_enable_x64:
-            jax.config.update("jax_enable_x64", True)
-        self.config, self.data = config, data
-        self.mesh = sharding.make_mesh() if mesh is None else mesh
-        self.info = data.dataset_info(config.data)
-        self.num_classes = self.info.num_classes
-        self.steps_per_epoch = self.info.num_train // config.batch_size
-        if self.steps_per_epoch < 1:
-            raise ValueError(
-                f"config.batch_size={config.batch_size} exceeds the {self.info.num_train} training examples."
-            )
-        self.total_steps = (
-            config.num_train_steps
-            if config.num_train_steps > 0
-            else int(round(config.num_epochs * self.steps_per_epoch))
-        )
-        self.model = build_model(config, self.num_classes)
-        self.schedule = learning_rate_schedule(config.optim, self.steps_per_epoch, self.total_steps)
-        self.tx = make_optimizer(config.optim, self.schedule)
-        self.train_step = make_train_step(self.model, self.tx, self.schedule, self.mesh, config.seed)
-        self.eval_step = make_eval_step(self.model, self.num_classes, self.mesh)
-        self._eigenvalues = None  # jitted on first use by spectrum_summary
-
-    def spectrum_summary(self, state: TrainState, batch: Mapping[str, jax.Array]) -> dict[str, float]:
-        """Mean covariance-spectrum statistics of a (global) batch, eval mode (gcp_jax.analysis.spectra)."""
-        from gcp_jax.analysis import spectra  # pylint: disable=g-import-not-at-top
-
-        if self._eigenvalues is None:
-            self._eigenvalues = jax.jit(
-                lambda v, x: spectra.eigenvalues(self.model, v, x), out_shardings=sharding.replicated(self.mesh)
-            )
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        return spectra.mean_summary(np.asarray(self._eigenvalues(variables, batch["image"])))
-
-    def initial_state(self) -> TrainState:
-        """Step-0 state: random init, then the pretrained backbone when config.model.pretrained is set."""
-        variables = init_variables(self.model, self.config.data.image_size, self.config.seed, self.mesh)
-        if self.config.model.pretrained:
-            from gcp_jax import pretrained  # pylint: disable=g-import-not-at-top
-
-            loaded, report = pretrained.init_from_pretrained(
-                jax.device_get(variables), self.config.model.pretrained, self.config.model.arch
-            )
-            metrics_lib.log(f"pretrained: {report}")
-            variables = sharding.replicate(loaded, self.mesh)
-        else:
-            metrics_lib.log(
-                "model.pretrained is empty: random initialisation (the FGVC protocols fine-tune ImageNet "
-                "weights: --config.model.pretrained=FILE)."
-            )
-        return create_train_state(variables, self.tx, self.mesh)
-
-    def evaluate(self, state: TrainState) -> dict[str, float]:
-        local = sharding.local_batch_size(eval_batch_size(self.config), self.mesh)
-        batches = self.data.eval_batches(
-            self.config.data, batch_size=local, process_index=jax.process_index(), process_count=jax.process_count()
-        )
-        return evaluate(self.eval_step, state, batches, self.num_classes, self.mesh)
-
-    def train_batches(self, start_step: int):
-        local = sharding.local_batch_size(self.config.batch_size, self.mesh)
-        return self.data.train_batches(
-            self.config.data,
-            batch_size=local,
-            seed=self.config.seed,
-            start_step=start_step,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-
-    def is_eval_step(self, step: int) -> bool:
-        every = self.config.eval_every_epochs * self.steps_per_epoch
-        return step == self.total_steps or (every > 0 and step % every == 0)
+def _train_record(run: Run, step: int, pending: list[dict], nonfinite: int) -> dict[str, float]:
+    """The train metrics logged at `step`: step metrics averaged since the last log, lr, epoch, skipped steps."""
+    host = jax.device_get(pending)
+    record = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    record.update(lr=float(run.schedule(step - 1)), epoch=step / run.steps_per_epoch, nonfinite_steps=nonfinite)
+    return record
 
 
-def save_config(config: ConfigDict, workdir: str) -> None:
-    """workdir/config.json (process 0), the config of the run beside its checkpoints."""
-    if metrics_lib.is_writer():
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-
-
-def train_and_evaluate(config: ConfigDict, workdir: str, *, mesh=None) -> dict[str, Any]:
-    """Train (resuming from the latest checkpoint in workdir), evaluate, checkpoint; returns a summary.
-
-    Summary: {"step", "final" (last eval metrics), "best_top1", "best_step", "preempted", "state",
-    "workdir", "checkpoints"}.
-    """
-    validate_config(config)
+def train_and_evaluate(config: ConfigDict, workdir: str, *, mesh=None) -> RunResult:
+    """Train (resuming from the latest checkpoint in workdir), evaluate, checkpoint."""
+    metrics_lib.setup_logging()
+    config_lib.validate(config)
     run = Run(config, mesh)
     checkpoints = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
-    state, meta = run.initial_state(), {"best_top1": -1.0, "best_step": -1, "final": None}
-    if checkpoints.latest_step() is not None:
-        state, meta = checkpoints.restore(state)
+    if checkpoints.latest_step() is None:
+        state, meta = run.initial_state(), {"best_top1": -1.0, "best_step": -1, "final": None}
+    else:
+        state, meta = checkpoints.restore(run.abstract_state())
         metrics_lib.log(f"resumed from step {int(state.step)} of {run.total_steps} ({checkpoints.directory})")
     save_config(config, workdir)
     start = int(state.step)
@@ -529,10 +429,16 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, mesh=None) -> dict[s
                 pending.append(step_metrics)
                 preempted = preemption.requested(step)
                 if step % config.log_every_steps == 0 or step == run.total_steps or preempted:
-                    _log_train(
-                        step, step / run.steps_per_epoch, pending, state, progress, writer, config.max_nonfinite_steps
-                    )
+                    record = _train_record(run, step, pending, int(jax.device_get(state.nonfinite)))
+                    record["images_per_s"] = progress.update(step, {k: record[k] for k in ("loss", "top1", "lr")})
+                    writer.write(step, "train", record)
                     pending = []
+                    if record["nonfinite_steps"] > config.max_nonfinite_steps:
+                        raise NonFiniteError(
+                            f"Stopped at step {step}: {record['nonfinite_steps']} steps had a non-finite loss or "
+                            f"gradient (more than config.max_nonfinite_steps={config.max_nonfinite_steps}); lower "
+                            "optim.learning_rate or try gcp.dtype=float64."
+                        )
                 eval_metrics, pause_start = None, time.perf_counter()
                 if run.is_eval_step(step):
                     eval_metrics = run.evaluate(state)
@@ -541,14 +447,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, mesh=None) -> dict[s
                         meta.update(best_top1=eval_metrics["top1"], best_step=step)
                     meta["final"] = eval_metrics
                     metrics_lib.log(
-                        f"eval step {step}: " + _describe(eval_metrics) + f" (best top1 {meta['best_top1']:.4f})"
+                        f"eval step {step}: {metrics_lib.describe_eval(eval_metrics)} "
+                        f"(best top1 {meta['best_top1']:.4f})"
                     )
-                if (
-                    eval_metrics is not None
-                    or preempted
-                    or step == run.total_steps
-                    or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
-                ):
+                periodic = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+                if eval_metrics is not None or preempted or step == run.total_steps or periodic:
                     checkpoints.save(step, state, meta, metrics=eval_metrics)
                     progress.exclude(time.perf_counter() - pause_start)
                 if preempted:
@@ -561,62 +464,37 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, mesh=None) -> dict[s
         checkpoints.wait()
         checkpoints.close()
         writer.close()
-    return {
-        "step": int(state.step),
-        "final": meta["final"],
-        "best_top1": meta["best_top1"],
-        "best_step": meta["best_step"],
-        "preempted": preempted,
-        "state": state,
-        "workdir": os.path.abspath(workdir),
-        "checkpoints": checkpoints.directory,
-    }
-
-
-def _log_train(step, epoch, pending, state, progress, writer, max_nonfinite) -> None:
-    """Average the step metrics since the last log, write them, stop the run past max_nonfinite."""
-    host = jax.device_get(pending)
-    averaged = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-    averaged.update(lr=float(host[-1]["lr"]), epoch=epoch)
-    nonfinite = int(jax.device_get(state.nonfinite))
-    averaged["images_per_s"] = progress.update(step, {k: averaged[k] for k in ("loss", "top1", "lr")})
-    averaged["nonfinite_steps"] = nonfinite
-    writer.write(step, "train", averaged)
-    if nonfinite > max_nonfinite:
-        raise NonFiniteError(
-            f"Stopped at step {step}: {nonfinite} steps had a non-finite loss or gradient (more than "
-            f"config.max_nonfinite_steps={max_nonfinite}); lower optim.learning_rate or try gcp.dtype=float64."
-        )
-
-
-def _describe(m: Mapping[str, float]) -> str:
-    return (
-        f"top1 {m['top1']:.4f} top5 {m['top5']:.4f} mean-class {m['mean_class_acc']:.4f} "
-        f"loss {m['loss']:.4f} ({m['count']} images)"
+    return RunResult(
+        step=int(state.step),
+        final=meta["final"],
+        best_top1=meta["best_top1"],
+        best_step=meta["best_step"],
+        preempted=preempted,
+        state=state,
+        workdir=os.path.abspath(workdir),
+        checkpoints=checkpoints.directory,
     )
 
 
-def evaluate_checkpoint(config: ConfigDict, workdir: str, *, mesh=None) -> dict[str, Any]:
+def evaluate_checkpoint(config: ConfigDict, workdir: str, *, mesh=None) -> RunResult:
     """Evaluate the latest checkpoint of workdir on the eval split (config.eval_only)."""
-    validate_config(config)
+    metrics_lib.setup_logging()
+    config_lib.validate(config)
     run = Run(config, mesh)
-    checkpoints = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
-    try:
-        state, meta = checkpoints.restore(run.initial_state())
-    finally:
-        checkpoints.close()
+    state, meta = restore(run, workdir)
     step = int(state.step)
     result = run.evaluate(state)
     writer = metrics_lib.MetricsWriter(workdir, start_step=None)
     writer.write(step, f"{config.data.eval_split}_eval_only", result)
     writer.close()
-    metrics_lib.log(f"eval of step {step}: " + _describe(result))
-    return {
-        "step": step,
-        "final": result,
-        "best_top1": meta.get("best_top1"),
-        "best_step": meta.get("best_step"),
-        "state": state,
-        "workdir": os.path.abspath(workdir),
-        "checkpoints": checkpoints.directory,
-    }
+    metrics_lib.log(f"eval of step {step}: {metrics_lib.describe_eval(result)}")
+    return RunResult(
+        step=step,
+        final=result,
+        best_top1=meta.get("best_top1", -1.0),
+        best_step=meta.get("best_step", -1),
+        preempted=False,
+        state=state,
+        workdir=os.path.abspath(workdir),
+        checkpoints=os.path.join(os.path.abspath(workdir), ckpt_lib.CHECKPOINT_DIR),
+    )

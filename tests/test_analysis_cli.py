@@ -6,7 +6,7 @@ import pytest
 
 from configs import demo
 from gcp_jax import metrics, training
-from gcp_jax.analysis.__main__ import default_truncation_ns, main
+from gcp_jax.analysis.cli import default_truncation_ns, main
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_training_logs_spectrum_summaries(workdir):
 
 
 def test_cli_names_a_missing_workdir(tmp_path):
-    with pytest.raises(SystemExit, match="config.json not found"):
+    with pytest.raises(SystemExit, match=r"config\.json not found"):
         main(["spectra", "--workdir", str(tmp_path / "nowhere")])
 
 

@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from configs import default
-from gcp_jax import training
+from gcp_jax import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROTOCOLS = ("aircraft", "cub", "cars", "dogs", "inat2017")
@@ -21,18 +20,18 @@ def load(name, *args):
 
 @pytest.mark.parametrize(
     "name,variant",
-    [(p, v) for p in PROTOCOLS for v in ("efficientnet_b5", "resnet50")] + [("default", None), ("demo", None)],
+    [(p, v) for p in PROTOCOLS for v in ("efficientnet_b5", "resnet50")] + [("demo", None)],
 )
 def test_configs_are_valid(name, variant):
     config = load(name, variant) if variant else load(name)
-    training.validate_config(config, num_devices=1)
+    config_lib.validate(config, num_devices=1)
     if variant:
         assert config.model.arch == variant and config.model.last_stride == (1 if variant == "resnet50" else 2)
         assert config.model.head == "gcp" and config.gcp.norm == "seb" and config.gcp.dim == 256
 
 
 def test_protocol_values():
-    """METHOD.md §6 table."""
+    """docs/method.md §6 table."""
     air, cub, cars = load("aircraft"), load("cub"), load("cars")
 
     def schedule(c):
@@ -49,26 +48,34 @@ def test_protocol_values():
     assert (cub.data.resize_mode, cub.data.resize_size) == ("shorter", 448)
 
 
-def test_default_documents_every_field():
-    """Each non-data field is assigned once in configs/default.py with a comment."""
-    source = open(os.path.join(ROOT, "configs", "default.py"), encoding="utf-8").read()
-    config = default.get_config()
-    fields = [f"{group}.{k}" for group in ("model", "gcp", "optim") for k in config[group]]
-    fields += [k for k, v in config.items() if not hasattr(v, "keys")]
-    for field in fields:
-        assert len(re.findall(rf"^    c\.{re.escape(field)} = .+  # \S", source, re.M)) == 1, field
+def test_defaults_are_valid_and_every_field_is_documented_once():
+    """gcp_jax/config.py assigns each field once, with a comment: `c.<field> = ...  # ...` (`d.` for data)."""
+    config_lib.validate(config_lib.get_config(), num_devices=1)
+    with open(os.path.join(ROOT, "gcp_jax", "config.py"), encoding="utf-8") as f:
+        source = f.read()
+    config = config_lib.get_config()
+
+    def fields(node, prefix):
+        for key, value in node.items():
+            yield from fields(value, f"{prefix}{key}.") if hasattr(value, "keys") else [f"{prefix}{key}"]
+
+    names = [f"c.{f}" for f in fields(config, "") if not f.startswith("data.")]
+    names += [f"d.{f}" for f in fields(config.data, "")]
+    assert len(names) > 50
+    for name in names:
+        assert len(re.findall(rf"^    {re.escape(name)} = .+  # \S", source, re.M)) == 1, name
 
 
 @pytest.mark.parametrize(
     "field,value,message",
     [
         ("batch_size", 12, "not divisible by the 8 devices"),
-        ("batch_size", 0, "batch_size must be at least 1"),
+        ("batch_size", 0, "config.batch_size must be an integer of at least 1, got 0."),
         ("num_train_steps", 0, "num_train_steps must be -1"),
         ("model.arch", "resnet_huge", "resnet_huge"),
         ("model.head", "max", "max"),
         ("model.dtype", "float16", "float16"),
-        ("model.pretrained", "/nonexistent/weights.h5", "does not exist"),
+        ("model.pretrained", "/nonexistent/weights.h5", "is not a file"),
         ("gcp.norm", "cholesky", "gcp.norm"),
         ("gcp.grad", "magic", "gcp.grad"),
         ("gcp.dtype", "float16", "gcp.dtype"),
@@ -85,8 +92,22 @@ def test_impossible_values_rejected(field, value, message):
     for group in groups:
         target = target[group]
     target[name] = value
-    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
-        training.validate_config(config, num_devices=8)
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+        config_lib.validate(config, num_devices=8)
+
+
+def test_every_problem_is_reported_at_once():
+    config = load("demo")
+    config.batch_size, config.eval_batch_size = 12, 20
+    config.gcp.norm, config.optim.momentum = "sebb", 1.5
+    with pytest.raises(config_lib.ConfigError) as error:
+        config_lib.validate(config, num_devices=8)
+    lines = str(error.value).splitlines()
+    assert lines[0] == "4 problems in the config:"
+    assert "config.batch_size=12 is not divisible by the 8 devices" in lines[1]
+    assert "config.eval_batch_size=20 is not divisible" in lines[2]
+    assert "config.gcp.norm='sebb' is not one of sqrt, seb, isqrt, none (did you mean 'seb'?)." in lines[3]
+    assert "config.optim.momentum must lie in [0, 1), got 1.5." in lines[4]
 
 
 def run_cli(*flags):

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gcp_jax import data
+from gcp_jax import data, imagenet
+from gcp_jax.config import resolve_data
 from gcp_jax.data import _tf, preprocess, sources
 
-LOW = min((0 - m) / s for m, s in zip(preprocess.MEAN, preprocess.STD))
-HIGH = max((1 - m) / s for m, s in zip(preprocess.MEAN, preprocess.STD))
+LOW = min(-imagenet.MEAN / imagenet.STD)
+HIGH = max((1 - imagenet.MEAN) / imagenet.STD)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_config_defaults_merging_and_errors():
         "cache",
         "synthetic",
     } <= set(defaults)
-    merged = data.config.resolve({"image_size": 32, "synthetic": {"num_classes": 4}})
+    merged = resolve_data({"image_size": 32, "synthetic": {"num_classes": 4}})
     assert merged.image_size == 32 and merged.synthetic.num_classes == 4 and merged.resize_size == 512
     for bad, word in (
         ({"imagesize": 3}, "imagesize"),
@@ -77,7 +78,7 @@ def test_config_defaults_merging_and_errors():
         ({"resize_mode": "crop"}, "resize_mode"),
     ):
         with pytest.raises(ValueError, match=word):
-            data.config.resolve(bad)
+            resolve_data(bad)
 
 
 def test_dataset_info(cfg):

@@ -1,4 +1,4 @@
-"""gcp_jax.layers (1×1 convolution as matmul, max-pool) and gcp_jax.host (CPU process settings)."""
+"""gcp_jax.layers (1×1 convolution as matmul, max-pool) and gcp_jax.cpu_tuning (CPU process settings)."""
 
 import os
 import subprocess
@@ -13,7 +13,7 @@ import pytest
 from jax import lax
 from jax.test_util import check_grads
 
-from gcp_jax import host, layers
+from gcp_jax import cpu_tuning, layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,7 +60,7 @@ def test_conv_matches_lax_values_and_gradients(kernel, stride, padding, kind):
     x, w, ours, ref = _conv_pair(kernel, stride, padding, **kind)
     np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-12, atol=1e-12)
     cot = jnp.asarray(np.random.default_rng(1).normal(size=ref(x, w).shape))
-    grads = [jax.grad(lambda x, w: jnp.sum(f(x, w) * cot), (0, 1))(x, w) for f in (ours, ref)]
+    grads = [jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * cot), (0, 1))(x, w) for f in (ours, ref)]
     for g_ours, g_ref in zip(*grads):
         np.testing.assert_allclose(g_ours, g_ref, rtol=1e-12, atol=1e-12)
     check_grads(ours, (x, w), order=1, modes=("rev",), eps=1e-6)
@@ -125,7 +125,7 @@ def test_max_pool_matches_flax_values_and_gradients():
     ref = lambda x: nn.max_pool(x, WINDOW, strides=STRIDES, padding=PADDING)
     np.testing.assert_array_equal(ours(x), ref(x))
     cot = jnp.asarray(np.random.default_rng(1).normal(size=ref(x).shape))
-    g_ours, g_ref = (jax.grad(lambda x: jnp.sum(f(x) * cot))(x) for f in (ours, ref))
+    g_ours, g_ref = (jax.grad(lambda x, f=f: jnp.sum(f(x) * cot))(x) for f in (ours, ref))
     np.testing.assert_allclose(g_ours, g_ref, rtol=1e-12, atol=1e-12)
     check_grads(ours, (x,), order=1, modes=("rev",), eps=1e-6)
 
@@ -144,17 +144,17 @@ def test_max_pool_routes_ties_to_the_first_maximum():
 
 def test_accelerator_expected_follows_jax_platforms(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    assert not host.accelerator_expected()
+    assert not cpu_tuning.accelerator_expected()
     monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
-    assert host.accelerator_expected()
+    assert cpu_tuning.accelerator_expected()
 
 
 FAULTS = textwrap.dedent(
     """
     import ctypes, resource, sys
-    from gcp_jax import host
+    from gcp_jax import cpu_tuning
     if sys.argv[1] == "tuned":
-        assert host.keep_freed_memory()
+        assert cpu_tuning.keep_freed_memory()
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]

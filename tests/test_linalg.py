@@ -75,7 +75,7 @@ def test_sqrtm_squares_back_and_keeps_dtype(x64):
 def test_float32_inputs_give_float32_gradients():
     a = jnp.asarray(separated_batch(), jnp.float32)
     for grad in linalg.SQRTM_GRADS:
-        g = jax.grad(lambda m: jnp.sum(linalg.seb(m, grad=grad)))(a)
+        g = jax.grad(lambda m, grad=grad: jnp.sum(linalg.seb(m, grad=grad)))(a)
         assert g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g))), grad
 
 
@@ -168,7 +168,7 @@ def test_paper_gradients_equal_exact_on_separated_spectra(x64, grad):
     a = jnp.asarray(separated_batch(d=8, batch=4))
     weights = jnp.asarray(np.random.default_rng(7).normal(size=a.shape))
     exact = jax.grad(loss_fn(linalg.sqrtm, weights))(a)
-    variant = jax.grad(loss_fn(lambda m: linalg.sqrtm(m, grad=grad), weights))(a)
+    variant = jax.grad(loss_fn(lambda m, grad=grad: linalg.sqrtm(m, grad=grad), weights))(a)
     assert rel_err(variant, exact) < (1e-9 if grad == "newton" else 1e-12)
 
 
@@ -268,7 +268,9 @@ def test_scaled_identity_gradient_is_the_exact_limit(x64):
     g = jax.grad(loss_fn(linalg.sqrtm, weights))(a)
     np.testing.assert_allclose(g, 0.5 * (weights + jnp.swapaxes(weights, -1, -2)) / (2 * np.sqrt(2.5)), rtol=1e-12)
     for grad in ("ordinary", "pade", "taylor", "trunc", "newton"):
-        assert bool(jnp.all(jnp.isfinite(jax.grad(loss_fn(lambda m: linalg.sqrtm(m, grad=grad), weights))(a))))
+        assert bool(
+            jnp.all(jnp.isfinite(jax.grad(loss_fn(lambda m, grad=grad: linalg.sqrtm(m, grad=grad), weights))(a)))
+        )
 
 
 def test_zero_features_give_sqrt_eps_identity(x64):
@@ -287,7 +289,7 @@ def test_large_scale_outputs_scale_and_seb_becomes_plain_root(x64):
 
 
 def test_rank_deficient_float32_gradient_is_close_to_float64(x64):
-    """The relative eps keeps float32 gradients meaningful when M < d (METHOD §4)."""
+    """The relative eps keeps float32 gradients meaningful when M < d (docs/method.md §4)."""
     rng = np.random.default_rng(16)
     x = np.maximum(rng.normal(size=(2, 49, 64)), 0.0)
     weights = rng.normal(size=(2, 64, 64))
@@ -318,16 +320,37 @@ def test_each_sample_gradient_depends_on_that_sample_alone(x64, grad):
 
 def test_bad_arguments_raise_clear_errors():
     a = jnp.eye(3)
-    with pytest.raises(ValueError, match="unknown grad"):
-        linalg.sqrtm(a, grad="svd")
-    with pytest.raises(ValueError, match="unknown option"):
-        linalg.sqrtm(a, degree=3)
-    with pytest.raises(ValueError, match="variant"):
-        linalg.seb(a, variant="c")
-    with pytest.raises(ValueError, match="square"):
-        linalg.sqrtm(jnp.ones((3, 4)))
-    with pytest.raises(ValueError, match="topn"):
-        linalg.sqrtm(a, topn=5)
+    for call, error, message in (
+        (lambda: linalg.sqrtm(a, grad="svd"), ValueError, r"sqrtm: grad='svd' is not one of exact, ordinary"),
+        (lambda: linalg.sqrtm(a, degree=3), ValueError, r"sqrtm: degree is not a known option"),
+        (
+            lambda: linalg.sqrtm(a, grad="pad", eps=0),
+            ValueError,
+            r"sqrtm: 2 problems:\n.*did you mean 'pade'.*\n.*eps=0",
+        ),
+        (lambda: linalg.seb(a, variant="c"), ValueError, r"seb: seb_variant='c' is not one of code, a, b"),
+        (lambda: linalg.sqrtm(a, eps=-1.0), ValueError, r"eps=-1.0 must be positive"),
+        (
+            lambda: linalg.sqrtm(jnp.ones((3, 4))),
+            ValueError,
+            r"non-empty square matrices \[..., d, d\], got shape \(3, 4\)",
+        ),
+        (lambda: linalg.sqrtm(jnp.zeros((0, 0))), ValueError, r"got shape \(0, 0\)"),
+        (lambda: linalg.sqrtm(np.eye(3, dtype=np.int32)), ValueError, r"floating-point array .* got int32"),
+        (lambda: linalg.sqrtm("eye"), TypeError, r"sqrtm expects square matrices \[..., d, d\], got a str"),
+        (lambda: linalg.sqrtm(a, topn=5), ValueError, r"topn=5 must lie in \[0, d=3\]"),
+        (lambda: linalg.covariance(jnp.zeros((2, 0, 3))), ValueError, r"covariance expects non-empty features"),
+        (lambda: linalg.newton_schulz_sqrtm(a, iters=0), ValueError, r"iters=0 must be an integer of at least 1"),
+    ):
+        with pytest.raises(error, match=message):
+            call()
+
+
+def test_lists_are_arrays_and_asymmetric_input_is_symmetrised():
+    np.testing.assert_allclose(linalg.sqrtm([[4.0, 0.0], [0.0, 9.0]]), np.diag([2.0, 3.0]), rtol=1e-6)
+    a = jnp.asarray(separated_batch(d=4, batch=1), jnp.float32)
+    skew = jnp.asarray([[0.0, 1.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [0.0] * 4, [0.0] * 4], jnp.float32)
+    np.testing.assert_allclose(linalg.sqrtm(a + 0.1 * skew), linalg.sqrtm(a), rtol=1e-5, atol=1e-6)
 
 
 def test_sqrtm_split_sums_to_the_root_and_has_exact_gradients(x64):

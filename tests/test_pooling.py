@@ -9,7 +9,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gcp_jax import linalg
-from gcp_jax.pooling import NORMS, GCPHead, gcp_head_from_config
+from gcp_jax.linalg import NORMS, SpectralOptions
+from gcp_jax.pooling import GCPHead, gcp_head_from_config
 
 
 def features(batch=2, size=5, channels=12, dtype=jnp.float32, seed=0):
@@ -34,7 +35,7 @@ def test_head_output_shape_and_gradient(norm):
 
 def test_head_matches_the_functional_pipeline_without_reduction():
     x = features(channels=6)
-    head = GCPHead(dim=None, norm="seb")
+    head = GCPHead(dim=0, spectral=SpectralOptions(norm="seb"))
     out = head.apply(head.init(jax.random.key(0), x), x)
     expected = linalg.triu_vec(linalg.seb(linalg.covariance(x.reshape(2, 25, 6))))
     np.testing.assert_allclose(out, expected, rtol=1e-6)
@@ -58,11 +59,12 @@ def test_float64_without_x64_is_a_clear_error():
 
 def test_config_passes_gradient_options_and_rejects_bad_values():
     head = gcp_head_from_config({"norm": "sqrt", "grad": "taylor", "taylor_degree": 20, "topn": 0, "dim": 0})
-    assert head.grad_opts == (("taylor_degree", 20),) and not head.dim
+    assert head.spectral == SpectralOptions(norm="sqrt", grad="taylor", taylor_degree=20) and not head.dim
     for bad, match in (
-        ({"norm": "svd"}, "gcp.norm"),
-        ({"grad": "svd"}, "gcp.grad"),
-        ({"dims": 4}, "Unknown gcp config"),
+        ({"norm": "svd"}, "gcp: norm='svd' is not one of"),
+        ({"grad": "svd"}, "gcp: grad='svd' is not one of"),
+        ({"dims": 4}, r"gcp: dims is not a known field \(did you mean dim\?\)"),
+        ({"grad": "svd", "eps": 0.0}, "gcp: 2 problems"),
     ):
         with pytest.raises(ValueError, match=match):
             gcp_head_from_config(bad)
@@ -81,7 +83,7 @@ def test_sharded_gradient_keeps_eigh_per_shard():
     devices = jax.devices()
     assert len(devices) == 8, "tests/conftest.py sets 8 fake CPU devices"
     mesh = Mesh(np.array(devices), ("data",))
-    head = GCPHead(dim=16, norm="seb")
+    head = GCPHead(dim=16)
     x = features(batch=16, size=7, channels=32)
     variables = head.init(jax.random.key(0), x)
 

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 from configs import demo
-from gcp_jax import data, sharding, training
+from gcp_jax import data, optim, sharding, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,10 +31,10 @@ def test_eigh_stays_per_shard():
     config.gcp.dim = 8
     model = training.build_model(config, num_classes=4)
     mesh = sharding.make_mesh()
-    schedule = training.learning_rate_schedule(config.optim, 4, 8)
-    tx = training.make_optimizer(config.optim, schedule)
+    schedule = optim.learning_rate_schedule(config.optim, 4, 8)
+    tx = optim.make_optimizer(config.optim, schedule)
     state = training.create_train_state(training.init_variables(model, 32, 0, mesh), tx, mesh)
-    step = training.make_train_step(model, tx, schedule, mesh)
+    step = training.make_train_step(model, tx, mesh)
     batch = sharding.global_batch(
         {"image": np.zeros((16, 32, 32, 3), np.float32), "label": np.zeros(16, np.int32)}, mesh
     )
@@ -103,11 +103,12 @@ def test_two_processes_train_together(tmp_path):
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=240) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
+    for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
     assert "batch 8 over 4 devices, 2 processes" in outputs[0][0]
     assert "metrics:" in outputs[0][0] and "metrics:" not in outputs[1][0]  # only process 0 reports
-    records = [json.loads(line) for line in open(workdir / "metrics.jsonl", encoding="utf-8")]
+    with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
     (test,) = [r for r in records if r["split"] == "test"]
     assert test["count"] == 20  # every test image once, over both processes' masks

@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
-from gcp_jax import sharding, training
+from gcp_jax import config, optim, sharding, training
 
 
 class Tiny(nn.Module):
@@ -24,7 +23,7 @@ class Tiny(nn.Module):
 
 
 def optim_config(**overrides):
-    cfg = default.get_config().optim
+    cfg = config.get_config().optim
     cfg.update(overrides)
     return cfg
 
@@ -32,10 +31,10 @@ def optim_config(**overrides):
 def tiny_setup(mesh, optim_cfg=None, steps_per_epoch=4, total_steps=12, num_classes=5):
     optim_cfg = optim_cfg or optim_config(learning_rate=0.05, decay_epochs=(1, 2))
     model = Tiny(num_classes)
-    schedule = training.learning_rate_schedule(optim_cfg, steps_per_epoch, total_steps)
-    tx = training.make_optimizer(optim_cfg, schedule)
+    schedule = optim.learning_rate_schedule(optim_cfg, steps_per_epoch, total_steps)
+    tx = optim.make_optimizer(optim_cfg, schedule)
     state = training.create_train_state(training.init_variables(model, 16, 0, mesh), tx, mesh)
-    return model, tx, schedule, state
+    return model, tx, state
 
 
 def batches(n, size=8, classes=5, seed=0):
@@ -62,8 +61,8 @@ def test_optimizer_matches_pytorch_recipe():
         decay_factor=0.1,
     )
     steps_per_epoch = 2
-    schedule = training.learning_rate_schedule(cfg, steps_per_epoch, 4)
-    tx = training.make_optimizer(cfg, schedule)
+    schedule = optim.learning_rate_schedule(cfg, steps_per_epoch, 4)
+    tx = optim.make_optimizer(cfg, schedule)
     rng = np.random.default_rng(0)
     params = {"backbone": {"w": rng.normal(size=(3, 2))}, "classifier": {"kernel": rng.normal(size=(2, 4))}}
     grads = [
@@ -89,18 +88,18 @@ def test_optimizer_matches_pytorch_recipe():
 
 
 def test_schedules():
-    step = training.learning_rate_schedule(optim_config(learning_rate=1.0, decay_epochs=(2, 3)), 10, 50)
+    step = optim.learning_rate_schedule(optim_config(learning_rate=1.0, decay_epochs=(2, 3)), 10, 50)
     assert [float(step(s)) for s in (0, 19, 20, 29, 30)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
-    warm = training.learning_rate_schedule(optim_config(learning_rate=1.0, decay_epochs=(), warmup_epochs=1), 10, 50)
+    warm = optim.learning_rate_schedule(optim_config(learning_rate=1.0, decay_epochs=(), warmup_epochs=1), 10, 50)
     assert [float(warm(s)) for s in (0, 4, 9, 30)] == pytest.approx([0.1, 0.5, 1, 1])
-    cos = training.learning_rate_schedule(optim_config(learning_rate=1.0, schedule="cosine"), 10, 50)
+    cos = optim.learning_rate_schedule(optim_config(learning_rate=1.0, schedule="cosine"), 10, 50)
     assert [float(cos(s)) for s in (0, 25, 50)] == pytest.approx([1, 0.5, 0], abs=1e-6)
 
 
 def test_nonfinite_step_never_updates():
     mesh = sharding.make_mesh()
-    model, tx, schedule, state = tiny_setup(mesh)
-    step = training.make_train_step(model, tx, schedule, mesh)
+    model, tx, state = tiny_setup(mesh)
+    step = training.make_train_step(model, tx, mesh)
     before = jax.device_get((state.params, state.batch_stats))
     bad = batches(1)[0]
     bad["image"][3, 0, 0, 0] = np.nan
@@ -114,8 +113,8 @@ def test_nonfinite_step_never_updates():
 
 
 def _train(mesh, data):
-    model, tx, schedule, state = tiny_setup(mesh)
-    step = training.make_train_step(model, tx, schedule, mesh)
+    model, tx, state = tiny_setup(mesh)
+    step = training.make_train_step(model, tx, mesh)
     losses = []
     for batch in data:
         state, metrics = step(state, sharding.global_batch(batch, mesh))
@@ -136,7 +135,7 @@ def test_eight_devices_equal_one_device():
 def test_eval_counts_every_example_once():
     """Padded last batch on 8 devices: totals equal a direct count over the unpadded split."""
     mesh = sharding.make_mesh()
-    model, _, _, state = tiny_setup(mesh, num_classes=5)
+    model, _, state = tiny_setup(mesh, num_classes=5)
     rng = np.random.default_rng(1)
     n, b = 37, 16
     images = rng.normal(size=(n, 16, 16, 3)).astype(np.float32)

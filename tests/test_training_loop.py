@@ -46,7 +46,7 @@ def tiny_config(data_dir):
 
 
 def params_of(result):
-    return jax.device_get((result["state"].params, result["state"].batch_stats, result["state"].opt_state))
+    return jax.device_get((result.state.params, result.state.batch_stats, result.state.opt_state))
 
 
 def eval_records(workdir):
@@ -56,7 +56,7 @@ def eval_records(workdir):
 def test_interrupted_and_resumed_equals_uninterrupted(data_dir, tmp_path, monkeypatch):
     config = tiny_config(data_dir)
     full = training.train_and_evaluate(config, str(tmp_path / "full"))
-    assert full["step"] == 8 and not full["preempted"]
+    assert full.step == 8 and not full.preempted
 
     real_batches = data.train_batches
 
@@ -68,23 +68,23 @@ def test_interrupted_and_resumed_equals_uninterrupted(data_dir, tmp_path, monkey
 
     monkeypatch.setattr(data, "train_batches", preempted_after_3)
     first = training.train_and_evaluate(config, str(tmp_path / "resumed"))
-    assert first["preempted"] and first["step"] == 3
+    assert first.preempted and first.step == 3
     monkeypatch.setattr(data, "train_batches", real_batches)
     resumed = training.train_and_evaluate(config, str(tmp_path / "resumed"))
-    assert resumed["step"] == 8 and not resumed["preempted"]
+    assert resumed.step == 8 and not resumed.preempted
 
     jax.tree.map(np.testing.assert_array_equal, params_of(resumed), params_of(full))
     assert eval_records(tmp_path / "resumed") == eval_records(tmp_path / "full")
     assert [r["step"] for r in eval_records(tmp_path / "full")] == [4, 8]
-    assert resumed["best_top1"] == full["best_top1"]
+    assert resumed.best_top1 == full.best_top1
     assert os.path.exists(tmp_path / "full" / "config.json")
     assert os.listdir(tmp_path / "full" / "tensorboard")
 
     # eval_only evaluates the latest checkpoint: the same numbers as the run's final eval.
     config.eval_only = True
     again = training.evaluate_checkpoint(config, str(tmp_path / "full"))
-    assert again["step"] == 8 and again["final"] == full["final"]
-    assert again["final"]["count"] == 20  # 4 classes x 5 test images, each counted once
+    assert again.step == 8 and again.final == full.final
+    assert again.final["count"] == 20  # 4 classes x 5 test images, each counted once
 
 
 def test_nonfinite_steps_stop_the_run(data_dir, tmp_path, monkeypatch):

@@ -10,11 +10,13 @@ from gcp_jax.analysis.attribution import (
     occlusion_maps,
     part_scores,
 )
-from gcp_jax.analysis.spectra import covariances, eigenvalues, mean_summary, per_class_log_spectrum, summarize
+from gcp_jax.analysis.spectra import collect, per_class_log_spectrum
 from gcp_jax.analysis.truncation import truncate_spectrum, truncated_logits, truncation_curve
+from gcp_jax.spectrum import covariances, eigenvalues, mean_summary, summarize
 
 __all__ = [
     "attribution_maps",
+    "collect",
     "covariances",
     "eigenvalues",
     "gradcam_maps",

@@ -1,4 +1,4 @@
-"""Which part of the spectrum explains a class score (METHOD §5).
+"""Which part of the spectrum explains a class score (docs/method.md §5).
 
 Σ^{1/2} = Q_large + Q_small, split at eigenvalue rank k (the k largest vs the rest), each
 scaled by (1 + c) for SEB. A part is scored with the trained classifier,
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gcp_jax import linalg
-from gcp_jax.analysis.spectra import require_gcp
+from gcp_jax.spectrum import require_gcp
 
 PARTS = ("large", "small")
 
@@ -23,12 +23,14 @@ PARTS = ("large", "small")
 def _part_scores_from_features(module, features, label, rank):
     """[B, 2] scores of the large and small parts for class `label`."""
     head = module.head
-    if head.norm not in ("sqrt", "seb"):
-        raise ValueError(f"Spectral attribution needs a square-root head (norm sqrt or seb), not {head.norm!r}.")
+    if head.spectral.norm not in ("sqrt", "seb"):
+        raise ValueError(
+            f"Spectral attribution needs a square-root head (norm sqrt or seb), not {head.spectral.norm!r}."
+        )
     cov = head.covariance(features, train=False)
-    parts = linalg.sqrtm_split(cov, rank, eps=head.eps)
-    if head.norm == "seb":
-        parts = [linalg.seb_scale(cov, eps=head.eps)[:, None, None] * q for q in parts]
+    parts = linalg.sqrtm_split(cov, rank, eps=head.spectral.eps)
+    if head.spectral.norm == "seb":
+        parts = [linalg.seb_scale(cov, eps=head.spectral.eps)[:, None, None] * q for q in parts]
     return jnp.stack([module.classifier(linalg.triu_vec(q))[:, label] for q in parts], axis=-1)
 
 

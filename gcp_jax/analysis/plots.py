@@ -10,8 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
-IMAGENET_STD = np.array([0.229, 0.224, 0.225])
+from gcp_jax.imagenet import denormalize
 
 
 def _save(fig, path):
@@ -54,11 +53,6 @@ def plot_truncation(curves, path, *, baseline=None):
     ax.set(xlabel="n eigenvalues truncated", ylabel="top-1 accuracy", ylim=(0, 1.02), title="Truncation experiment")
     ax.legend()
     return _save(fig, path)
-
-
-def denormalize(image):
-    """ImageNet-normalised [H, W, 3] → displayable RGB in [0, 1]."""
-    return np.clip(np.asarray(image) * IMAGENET_STD + IMAGENET_MEAN, 0.0, 1.0)
 
 
 def plot_attribution_grid(images, maps, path, *, titles=None):

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gcp_jax import linalg, pooling
-from gcp_jax.analysis.spectra import head_covariance, require_gcp
+from gcp_jax import linalg
+from gcp_jax.spectrum import head_covariance, require_gcp
 
 WHICH = ("smallest", "largest")
 
@@ -19,29 +19,18 @@ def truncate_spectrum(cov, n, which):
     if which not in WHICH:
         raise ValueError(f"which={which!r} must be one of {', '.join(WHICH)}.")
     lam, u = jnp.linalg.eigh(cov)
-    floor = linalg.default_eps(lam)
     d = lam.shape[-1]
     index = jnp.arange(d)
     hit = index < n if which == "smallest" else index >= d - n
-    lam = jnp.where(hit, floor, jnp.maximum(lam, floor))
+    lam = jnp.where(hit, linalg.default_eps(lam), linalg.clamp_eigenvalues(lam))
     return (u * lam[..., None, :]) @ jnp.swapaxes(u, -1, -2)
 
 
 def _truncated_logits(module, images, n, which):
-    head = module.head
     cov = head_covariance(module, images)
     if n:
         cov = truncate_spectrum(cov, n, which)
-    z = pooling.normalize(
-        cov,
-        norm=head.norm,
-        grad=head.grad,
-        seb_variant=head.seb_variant,
-        eps=head.eps,
-        isqrt_iters=head.isqrt_iters,
-        **dict(head.grad_opts),
-    )
-    return module.classifier(linalg.triu_vec(z))
+    return module.classifier(linalg.triu_vec(module.head.normalize(cov)))
 
 
 def truncated_logits(model, variables, images, n, which="smallest"):

@@ -9,9 +9,17 @@ The trainer's interface (host-local numpy batches, ImageNet-normalised NHWC floa
 Importing this package does not import TensorFlow; the first call does (CPU only).
 """
 
-from gcp_jax.data.config import default_config
+from gcp_jax.config import data_config as default_config
 from gcp_jax.data.errors import CorruptImageError, MissingDataError
-from gcp_jax.data.pipeline import DatasetInfo, EvalBatches, TrainBatches, dataset_info, eval_batches, train_batches
+from gcp_jax.data.pipeline import (
+    DatasetInfo,
+    EvalBatches,
+    TrainBatches,
+    dataset_info,
+    eval_batches,
+    steps_per_epoch,
+    train_batches,
+)
 
 __all__ = [
     "CorruptImageError",
@@ -22,5 +30,6 @@ __all__ = [
     "dataset_info",
     "default_config",
     "eval_batches",
+    "steps_per_epoch",
     "train_batches",
 ]

@@ -6,7 +6,8 @@ Run it once before a multi-host run, so that the processes do not all prepare th
 import argparse
 import sys
 
-from gcp_jax.data import config, sources
+from gcp_jax.config import resolve_data
+from gcp_jax.data import sources
 
 
 def main(argv=None) -> int:
@@ -16,7 +17,7 @@ def main(argv=None) -> int:
     parser.add_argument("--manual_dir", default="", help="folder with the downloaded files, or image_folder's root")
     args = parser.parse_args(argv)
     try:
-        src = sources.open_source(config.resolve(vars(args)))
+        src = sources.open_source(resolve_data(vars(args)))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -20,8 +20,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from gcp_jax.config import resolve_data as resolve
 from gcp_jax.data import _tf, preprocess
-from gcp_jax.data.config import resolve
 from gcp_jax.data.errors import CorruptImageError
 from gcp_jax.data.sources import Source, open_source
 
@@ -50,6 +50,11 @@ def dataset_info(cfg: Mapping[str, Any]) -> DatasetInfo:
         src.num_examples(cfg.eval_split),
         src.class_names,
     )
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+    """Batches in a training epoch: the remainder of the split is dropped."""
+    return num_examples // global_batch_size
 
 
 def train_batches(
@@ -125,7 +130,7 @@ class TrainBatches(Iterator):
         self._cfg, self._batch, self._seed, self._process = cfg, batch_size, seed, process_index
         self._src = open_source(cfg)
         num_train = self._src.num_examples(cfg.train_split)
-        self.steps_per_epoch = num_train // (batch_size * process_count)
+        self.steps_per_epoch = steps_per_epoch(num_train, batch_size * process_count)
         if self.steps_per_epoch < 1:
             raise ValueError(
                 f"Split {cfg.train_split!r} of {cfg.name!r} has {num_train} examples, fewer than one "

@@ -6,10 +6,8 @@ could not be decoded, whose image is then a 1×1 black placeholder). Images stay
 see identical pixels. Random ops are stateless: the same seed gives the same crop and flip.
 """
 
+from gcp_jax import imagenet
 from gcp_jax.data import _tf
-
-MEAN = (0.485, 0.456, 0.406)  # ImageNet RGB mean and std of x/255.
-STD = (0.229, 0.224, 0.225)
 
 
 def decode(ds):
@@ -83,6 +81,6 @@ def random_flip(image, seed):
 def normalize(image):
     """uint8 → float32 (x/255 − mean)/std with the ImageNet statistics (one multiply-add)."""
     tf = _tf.tf()
-    scale = tf.constant([1.0 / (255.0 * s) for s in STD])
-    offset = tf.constant([-m / s for m, s in zip(MEAN, STD)])
+    scale = tf.constant(1.0 / (255.0 * imagenet.STD), tf.float32)
+    offset = tf.constant(-imagenet.MEAN / imagenet.STD, tf.float32)
     return tf.cast(image, tf.float32) * scale + offset

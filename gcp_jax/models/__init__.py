@@ -2,11 +2,12 @@
 
 from gcp_jax.models.classifier import Classifier
 from gcp_jax.models.efficientnet import EFFICIENTNET_PARAMS, EfficientNet
-from gcp_jax.models.registry import ARCHS, HEADS, create_model
+from gcp_jax.models.registry import ARCHS, BACKBONE_DTYPES, HEADS, create_model, model_problems
 from gcp_jax.models.resnet import RESNET_PARAMS, ResNet
 
 __all__ = [
     "ARCHS",
+    "BACKBONE_DTYPES",
     "EFFICIENTNET_PARAMS",
     "HEADS",
     "RESNET_PARAMS",
@@ -14,4 +15,5 @@ __all__ = [
     "EfficientNet",
     "ResNet",
     "create_model",
+    "model_problems",
 ]

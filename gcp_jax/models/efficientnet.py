@@ -15,16 +15,22 @@ import jax.numpy as jnp
 
 from gcp_jax import layers
 
-# name: (width coefficient, depth coefficient, native resolution, dropout before the classifier)
+
+class EfficientNetParams(NamedTuple):
+    width: float  # channel multiplier
+    depth: float  # block-count multiplier
+    dropout: float  # before the classifier
+
+
 EFFICIENTNET_PARAMS = {
-    "efficientnet_b0": (1.0, 1.0, 224, 0.2),
-    "efficientnet_b1": (1.0, 1.1, 240, 0.2),
-    "efficientnet_b2": (1.1, 1.2, 260, 0.3),
-    "efficientnet_b3": (1.2, 1.4, 300, 0.3),
-    "efficientnet_b4": (1.4, 1.8, 380, 0.4),
-    "efficientnet_b5": (1.6, 2.2, 456, 0.4),
-    "efficientnet_b6": (1.8, 2.6, 528, 0.5),
-    "efficientnet_b7": (2.0, 3.1, 600, 0.5),
+    "efficientnet_b0": EfficientNetParams(1.0, 1.0, 0.2),
+    "efficientnet_b1": EfficientNetParams(1.0, 1.1, 0.2),
+    "efficientnet_b2": EfficientNetParams(1.1, 1.2, 0.3),
+    "efficientnet_b3": EfficientNetParams(1.2, 1.4, 0.3),
+    "efficientnet_b4": EfficientNetParams(1.4, 1.8, 0.4),
+    "efficientnet_b5": EfficientNetParams(1.6, 2.2, 0.4),
+    "efficientnet_b6": EfficientNetParams(1.8, 2.6, 0.5),
+    "efficientnet_b7": EfficientNetParams(2.0, 3.1, 0.5),
 }
 
 # B0 stages: (kernel, repeats, filters in, filters out, expand ratio, stride); SE ratio 0.25 everywhere.
@@ -60,7 +66,7 @@ def round_filters(filters: int, width: float, divisor: int = 8) -> int:
 
 def round_repeats(repeats: int, depth: float) -> int:
     """Blocks per stage scaled by `depth`, rounded up."""
-    return int(math.ceil(depth * repeats))
+    return math.ceil(depth * repeats)
 
 
 class BlockSpec(NamedTuple):

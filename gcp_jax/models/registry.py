@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 
+from gcp_jax import checks
 from gcp_jax.models.classifier import Classifier
 from gcp_jax.models.efficientnet import EFFICIENTNET_PARAMS, EfficientNet
 from gcp_jax.models.resnet import RESNET_PARAMS, ResNet
@@ -15,14 +17,37 @@ from gcp_jax.pooling import gcp_head_from_config
 ARCHS = tuple(EFFICIENTNET_PARAMS) + tuple(RESNET_PARAMS)
 HEADS = ("gap", "gcp")
 BACKBONE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DEFAULT_DROP_CONNECT = 0.2  # EfficientNet stochastic depth (the reference's)
 
 
-def _backbone_dtype(dtype):
-    if isinstance(dtype, str):
-        if dtype not in BACKBONE_DTYPES:
-            raise ValueError(f"Backbone dtype {dtype!r} is not one of {', '.join(BACKBONE_DTYPES)}.")
-        return BACKBONE_DTYPES[dtype]
-    return dtype
+def _dtype_name(dtype) -> str:
+    return dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+
+
+def _rate_problems(name: str, value) -> list[str]:
+    ok = value is None or (isinstance(value, numbers.Real) and 0 <= value < 1)
+    return [] if ok else [f"{name}={value!r} must lie in [0, 1), or be None for the architecture's value."]
+
+
+def model_problems(
+    arch: str, *, head: str, dtype: Any, last_stride: int, dropout_rate: float | None, drop_connect_rate: float | None
+) -> list[str]:
+    """Every problem with these `create_model` arguments, one sentence each (named as config.model's fields)."""
+    problems = []
+    if arch not in ARCHS:
+        problems.append(checks.not_one_of("arch", arch, ARCHS))
+    if head not in HEADS:
+        problems.append(checks.not_one_of("head", head, HEADS))
+    if _dtype_name(dtype) not in BACKBONE_DTYPES:
+        problems.append(checks.not_one_of("dtype", _dtype_name(dtype), BACKBONE_DTYPES))
+    if last_stride not in (1, 2):
+        problems.append(f"last_stride={last_stride!r} must be 1 or 2.")
+    elif last_stride == 1 and arch in EFFICIENTNET_PARAMS:
+        problems.append(f"last_stride=1 applies to ResNets only; {arch} keeps the reference strides (use 2).")
+    problems += _rate_problems("dropout_rate", dropout_rate) + _rate_problems("drop_connect_rate", drop_connect_rate)
+    if drop_connect_rate and arch in RESNET_PARAMS:
+        problems.append(f"drop_connect_rate applies to EfficientNets only; set it to None or 0 for {arch}.")
+    return problems
 
 
 def create_model(
@@ -45,25 +70,33 @@ def create_model(
     EfficientNets keep the reference strides) runs the last ResNet stage at stride 1: output
     stride 16, 28×28 maps at 448 px, the GCP protocol.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"Unknown arch {arch!r}; choose one of {', '.join(ARCHS)}.")
-    if head not in HEADS:
-        raise ValueError(f"Unknown head {head!r}; choose one of {', '.join(HEADS)}.")
-    if last_stride not in (1, 2):
-        raise ValueError(f"last_stride must be 1 or 2, got {last_stride!r}.")
-    dtype = _backbone_dtype(dtype)
+    checks.raise_if_any(
+        model_problems(
+            arch,
+            head=head,
+            dtype=dtype,
+            last_stride=last_stride,
+            dropout_rate=dropout_rate,
+            drop_connect_rate=drop_connect_rate,
+        ),
+        "create_model",
+    )
+    dtype = BACKBONE_DTYPES[_dtype_name(dtype)]
     if arch in EFFICIENTNET_PARAMS:
-        if last_stride != 2:
-            raise ValueError(f"last_stride=1 applies to ResNets only; {arch} keeps the reference strides (use 2).")
-        width, depth, _, default_dropout = EFFICIENTNET_PARAMS[arch]
-        backbone = EfficientNet(
-            width, depth, drop_connect_rate=0.2 if drop_connect_rate is None else drop_connect_rate, dtype=dtype
-        )
+        params = EFFICIENTNET_PARAMS[arch]
+        rate = DEFAULT_DROP_CONNECT if drop_connect_rate is None else drop_connect_rate
+        backbone = EfficientNet(params.width, params.depth, drop_connect_rate=rate, dtype=dtype)
+        default_dropout = params.dropout
     else:
-        if drop_connect_rate:
-            raise ValueError(f"drop_connect_rate applies to EfficientNets only; set it to None or 0 for {arch}.")
-        bottleneck, stages, planes, stem = RESNET_PARAMS[arch]
-        backbone = ResNet(stages, planes, bottleneck=bottleneck, stem=stem, last_stride=last_stride, dtype=dtype)
+        params = RESNET_PARAMS[arch]
+        backbone = ResNet(
+            params.stage_sizes,
+            params.planes,
+            bottleneck=params.bottleneck,
+            stem=params.stem,
+            last_stride=last_stride,
+            dtype=dtype,
+        )
         default_dropout = 0.0
     return Classifier(
         backbone=backbone,

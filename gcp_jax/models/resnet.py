@@ -8,7 +8,7 @@ PyTorch's: symmetric, explicit.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -18,13 +18,20 @@ from gcp_jax import layers
 BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
 BN_EPSILON = 1e-5
 
-# name: (bottleneck blocks?, blocks per stage, planes per stage, stem)
+
+class ResNetParams(NamedTuple):
+    bottleneck: bool  # bottleneck (1×1, 3×3, 1×1) or basic (3×3, 3×3) blocks
+    stage_sizes: tuple[int, ...]  # blocks per stage
+    planes: tuple[int, ...]  # width of each stage
+    stem: str  # "imagenet" (7×7/2 conv + max-pool) or "tiny" (3×3/2 conv)
+
+
 RESNET_PARAMS = {
-    "resnet50": (True, (3, 4, 6, 3), (64, 128, 256, 512), "imagenet"),
-    "resnet101": (True, (3, 4, 23, 3), (64, 128, 256, 512), "imagenet"),
+    "resnet50": ResNetParams(True, (3, 4, 6, 3), (64, 128, 256, 512), "imagenet"),
+    "resnet101": ResNetParams(True, (3, 4, 23, 3), (64, 128, 256, 512), "imagenet"),
     # Small basic-block ResNet for demos and tests: 3×3 stride-2 stem, no max-pool, output stride 16
     # (4×4 maps at 64 px; 8×8 with last_stride=1).
-    "resnet_tiny": (False, (1, 1, 1, 1), (16, 32, 64, 128), "tiny"),
+    "resnet_tiny": ResNetParams(False, (1, 1, 1, 1), (16, 32, 64, 128), "tiny"),
 }
 
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's kaiming fan_out
