@@ -1,13 +1,18 @@
 """The own TFDS builders on their dummy data: fgvc_aircraft, stanford_cars, synthetic_fgvc."""
 
 import hashlib
+import os
+import socket
 import tarfile
+import time
+from typing import ClassVar
 from unittest import mock
 
 import numpy as np
 import pytest
 
-from gcp_jax.data import _tf, synthetic
+from gcp_jax import data
+from gcp_jax.data import _tf, offline, sources, synthetic
 from gcp_jax.data.builders import FgvcAircraft, StanfordCars, SyntheticFgvc, synthetic_config
 from gcp_jax.data.builders.fgvc_aircraft import fgvc_aircraft
 from gcp_jax.data.errors import MissingDataError
@@ -19,18 +24,18 @@ CARS_DUMMY = StanfordCars.code_path.parent / "dummy_data"
 
 class FgvcAircraftTest(tfds.testing.DatasetBuilderTestCase):
     DATASET_CLASS = FgvcAircraft
-    SPLITS = {"trainval": 4, "test": 2}
+    SPLITS: ClassVar = {"trainval": 4, "test": 2}
 
 
 class StanfordCarsTest(tfds.testing.DatasetBuilderTestCase):
     DATASET_CLASS = StanfordCars
-    SPLITS = {"train": 3, "test": 2}
+    SPLITS: ClassVar = {"train": 3, "test": 2}
 
 
 class SyntheticFgvcTest(tfds.testing.DatasetBuilderTestCase):
     DATASET_CLASS = SyntheticFgvc
-    BUILDER_CONFIG_NAMES_TO_TEST = [synthetic_config(3, 2, 1, 16)]
-    SPLITS = {"train": 6, "test": 3}
+    BUILDER_CONFIG_NAMES_TO_TEST: ClassVar = [synthetic_config(3, 2, 1, 16)]
+    SPLITS: ClassVar = {"train": 6, "test": 3}
     EXAMPLE_DIR = SyntheticFgvc.code_path.parent  # Nothing is downloaded.
 
 
@@ -100,6 +105,89 @@ def test_missing_files_name_the_data_set_files_place_and_source(tmp_path):
         _prepare("fgvc_aircraft/variant", tmp_path / "data", empty)
     for part in ("fgvc_aircraft", fgvc_aircraft.ARCHIVE, str(empty), fgvc_aircraft.URL, "ConnectionError"):
         assert part in str(air.value)
+
+
+def _closed_port() -> int:
+    """A local TCP port nobody listens on: connecting to it is refused at once, network or not."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tree(root):
+    return sorted(os.path.relpath(os.path.join(d, n), root) for d, ds, fs in os.walk(root) for n in ds + fs)
+
+
+def _absent_offline(cfg, root, seconds=20):
+    """Opens an absent data set in data_dir `root` holding a user's files; returns the error message."""
+    (root / "downloads" / "mine").mkdir(parents=True)
+    (root / "downloads" / "mine" / "archive.zip").write_bytes(b"a user's file")
+    (root / "notes.txt").write_text("keep me")
+    before = _tree(root)
+    start = time.perf_counter()
+    with pytest.raises(data.MissingDataError) as error:
+        data.dataset_info({**cfg, "data_dir": str(root)})
+    assert time.perf_counter() - start < seconds
+    assert _tree(root) == before  # Nothing left behind, nothing of the user's removed.
+    return str(error.value)
+
+
+def test_absent_data_set_without_network_fails_at_once_and_leaves_nothing(tmp_path, monkeypatch):
+    """The own builder's download, its host unreachable: one try, the message, data_dir as it was.
+    (TFDS alone retries ten times with growing pauses: minutes.)"""
+    monkeypatch.setattr(fgvc_aircraft, "URL", f"http://127.0.0.1:{_closed_port()}/{fgvc_aircraft.ARCHIVE}")
+    sources._open.cache_clear()
+    message = _absent_offline({"name": "fgvc_aircraft/variant"}, tmp_path / "tfds")
+    for part in (fgvc_aircraft.ARCHIVE, str(tmp_path / "tfds" / "downloads" / "manual"), "ConnectionError"):
+        assert part in message
+
+
+def test_absent_catalog_data_set_offline_real_path(tmp_path, monkeypatch):
+    """A TFDS catalog data set, unmodified: TFDS's real downloader through a proxy that refuses connections
+    (deterministic whether this machine has network or not)."""
+    proxy = f"http://127.0.0.1:{_closed_port()}"
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(var, proxy)
+    for var in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    message = _absent_offline({"name": "caltech_birds2011"}, tmp_path / "tfds")
+    for part in ("CUB_200_2011.tgz", str(tmp_path / "tfds" / "downloads" / "manual"), "cannot reach 127.0.0.1"):
+        assert part in message
+
+
+def test_check_reachable():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        offline.check_reachable(f"http://127.0.0.1:{server.getsockname()[1]}/file.tar")
+    for url in (f"https://127.0.0.1:{_closed_port()}/x", "https://no-such-host.invalid/x"):
+        start = time.perf_counter()
+        with pytest.raises(ConnectionError, match="cannot reach"):
+            offline.check_reachable(url, timeout=2.0)
+        assert time.perf_counter() - start < 3.0
+
+
+def test_removed_on_failure_removes_only_what_is_new(tmp_path):
+    root = tmp_path / "data"
+    (root / "old" / "deep").mkdir(parents=True)
+    (root / "old" / "deep" / "keep.txt").write_text("x")
+    with offline.removed_on_failure(str(root)):
+        (root / "made").mkdir()  # Kept: no failure.
+    before = _tree(root)
+    with pytest.raises(KeyboardInterrupt), offline.removed_on_failure(str(root)):
+        (root / "new" / "a" / "b" / "c").mkdir(parents=True)
+        (root / "old" / "deep" / "new.tmp").write_text("y")
+        (root / "old" / "fresh").mkdir()
+        (root / "downloads" / "cub" / "CUB.tgz.tmp.0123abcd").mkdir(parents=True)  # Unfinished: goes.
+        (root / "downloads" / "cub" / "CUB.tgz.tmp.0123abcd" / "CUB.tgz").write_text("half")
+        (root / "downloads" / "cub" / "segmentations.tgz").write_text("done")  # Finished: stays.
+        (root / "downloads" / "extracted" / "incomplete.0123abcd_TAR.CUB.tgz").mkdir(parents=True)
+        raise KeyboardInterrupt  # Ctrl-C, say, while preparing.
+    assert _tree(root) == sorted([*before, "downloads", "downloads/cub", "downloads/cub/segmentations.tgz"])
+    with pytest.raises(RuntimeError), offline.removed_on_failure(str(tmp_path / "absent")):
+        (tmp_path / "absent" / "downloads").mkdir(parents=True)
+        raise RuntimeError("preparation failed")
+    assert not (tmp_path / "absent").exists()
 
 
 def test_synthetic_is_deterministic_and_second_order():

@@ -1,12 +1,14 @@
 """The input pipeline: config, shapes and ranges, seeded order, exact resume, process shards,
-padded and masked evaluation, caching, image folders, corrupt images, clear errors."""
+padded and masked evaluation, caching, image folders, corrupt images, clear errors, quiet preparation."""
 
+import logging
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from absl import logging as absl_logging
 from PIL import Image
 
 from gcp_jax import data, imagenet
@@ -207,13 +209,13 @@ def test_corrupt_images_are_skipped_counted_or_fatal(tmp_path):
         name="image_folder", manual_dir=str(root), image_size=16, resize_size=18, train_split="train", eval_split="test"
     )
     it, _ = _train(cfg, 4, batch_size=4)  # 9 files, 8 readable: 2 full epochs.
-    assert it.steps_per_epoch == 2 and 1 <= it.num_skipped <= 2  # Once per epoch, unless it came last.
+    assert it.steps_per_epoch == 2 and it.num_skipped == 1  # Distinct images, however many epochs met it.
     evals = data.eval_batches(cfg, batch_size=4, process_index=0, process_count=1)
     assert sum(b["mask"].sum() for b in evals) == 4 and evals.num_skipped == 1
     fail = {**cfg, "on_corrupt": "fail"}
-    with pytest.raises(data.CorruptImageError, match="broken.jpg"):
+    with pytest.raises(data.CorruptImageError, match=r"broken\.jpg"):
         _train(fail, 4, batch_size=4)
-    with pytest.raises(data.CorruptImageError, match="broken.png"):
+    with pytest.raises(data.CorruptImageError, match=r"broken\.png"):
         _eval(fail, 4)
 
 
@@ -226,3 +228,48 @@ def test_clear_errors(cfg, tmp_path):
         data.dataset_info({**cfg, "eval_split": "validation"})
     with pytest.raises(ValueError, match="fewer than one global batch"):
         data.train_batches(cfg, batch_size=16, process_index=0, process_count=2)
+
+
+def test_quiet_preparation_and_reading(tmp_path, caplog, capfd):
+    """Generating and reading synthetic_fgvc prints one line and logs no TFDS chatter about TFDS itself
+    (deprecated fields, the folder it has yet to make, a custom config, "Unknown size", progress bars);
+    real warnings still show."""
+    synthetic = dict(num_classes=2, train_per_class=4, test_per_class=2, image_size=16)
+    cfg = dict(name="synthetic_fgvc", data_dir=str(tmp_path), image_size=16, resize_size=16, synthetic=synthetic)
+    caplog.set_level(logging.WARNING)
+    next(data.train_batches({**cfg, "train_split": "train"}, batch_size=4, process_index=0, process_count=1))
+    absl_logging.warning("a real warning")
+    out, err = capfd.readouterr()
+    assert out.strip().splitlines() == [
+        f"Generating synthetic_fgvc (12 images, 16 px) in {_variant_dir(tmp_path)}, once."
+    ]
+    assert "examples" not in err and "Unknown size" not in err
+    assert [r.getMessage() for r in caplog.records] == ["a real warning"]
+    # TFDS and TensorFlow warn of a deprecation only so often per process: the filters themselves.
+    tfds_call = "From /site-packages/tensorflow_datasets/core/reader.py:102: CounterV2 (from tf) is deprecated"
+    for logger, message, shown in (
+        ("absl", "`FeatureConnector.dtype` is deprecated. Please change", False),
+        ("tensorflow", tfds_call, False),
+        ("absl", "a dtype problem", True),
+        ("tensorflow", "From /home/me/train.py:3: f (from tf) is deprecated", True),
+    ):
+        record = logging.LogRecord(logger, logging.WARNING, "f.py", 1, message, None, None)
+        assert bool(logging.getLogger(logger).filter(record)) == shown
+
+
+def _variant_dir(root):
+    (variant,) = (d for d, _, fs in os.walk(root) if "dataset_info.json" in fs)
+    return variant
+
+
+def test_examples_without_a_file_name_are_named_by_their_tfds_id(tmp_path, caplog):
+    """(To name undecodable images.) And TFDS's use of a deprecated TensorFlow function is not logged."""
+    import tensorflow_datasets.testing as tfds_testing  # pylint: disable=g-import-not-at-top
+
+    builder = tfds_testing.DummyMnist(data_dir=str(tmp_path))
+    builder.download_and_prepare()
+    caplog.set_level(logging.WARNING)
+    ds = sources._read_tfds(builder, None, "train[:3]", shuffle_files=False, seed=None)
+    names = [ex["file_name"].decode() for ex in ds.as_numpy_iterator()]
+    assert names == [f"dummy_mnist-train.tfrecord-00000-of-00001__{i}" for i in range(3)]
+    assert not caplog.records

@@ -27,6 +27,7 @@ from gcp_jax.data.sources import Source, open_source
 
 log = logging.getLogger("gcp_jax.data")
 _FILE_ORDER, _SHUFFLE, _AUGMENT = range(3)  # Purposes of the derived seeds.
+_SEP = "\0"  # Joins the names of skipped files: no file name contains it.
 
 
 class DatasetInfo(NamedTuple):
@@ -121,7 +122,8 @@ def _options(ds):
 class TrainBatches(Iterator):
     """The training stream of one process; see `train_batches`.
 
-    `steps_per_epoch`: batches per epoch. `num_skipped`: corrupt images skipped so far.
+    `steps_per_epoch`: batches per epoch. `num_skipped`: how many distinct images this process has
+    skipped so far because they could not be decoded (each is named once in the log).
     """
 
     def __init__(self, cfg, batch_size: int, seed: int, start_step: int, process_index: int, process_count: int):
@@ -145,11 +147,15 @@ class TrainBatches(Iterator):
             self._cached = _decode_resize(examples, cfg.resize_size, cfg.resize_mode).cache()
             log.info("Caching %s (%s) in memory...", cfg.name, cfg.train_split)
             self._cached.reduce(0, lambda n, _: n + 1)  # One full pass fills the cache.
-        self.num_skipped = 0
+        self._skipped: set[str] = set()
         self._stream = self._generate(start_step)
 
     def __next__(self) -> dict[str, np.ndarray]:
         return next(self._stream)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self._skipped)
 
     def _generate(self, start_step: int):
         """Epoch after epoch; the next epoch's pipeline starts (shuffle buffer, first batch) in a
@@ -159,12 +165,12 @@ class TrainBatches(Iterator):
             upcoming = starter.submit(self._start_epoch, epoch, offset)
             while True:
                 batches, expected = upcoming.result(), self.steps_per_epoch - offset
-                upcoming, before, count = None, self.num_skipped, 0
+                upcoming, count = None, 0
                 for batch in batches:
                     count += 1
                     if upcoming is None and count >= expected - max(1, expected // 10):
                         upcoming = starter.submit(self._start_epoch, epoch + 1, 0)
-                    self._note_skipped(before + int(batch["skipped"][-1]), batch["last_bad"][-1])
+                    self._note_skipped(_skipped_names(batch["skipped"]))
                     yield {"image": batch["image"], "label": batch["label"]}
                 if count == 0:
                     raise ValueError(
@@ -182,17 +188,15 @@ class TrainBatches(Iterator):
         first = next(batches, None)
         return batches if first is None else itertools.chain([first], batches)
 
-    def _note_skipped(self, total: int, last_bad: bytes) -> None:
-        if total == self.num_skipped:
-            return
-        name = last_bad.decode(errors="replace")
-        if self._cfg.on_corrupt == "fail":
+    def _note_skipped(self, names: list[str]) -> None:
+        """Counts the skipped images and names new ones in the log; with data.on_corrupt='fail', raises."""
+        if names and self._cfg.on_corrupt == "fail":
             raise CorruptImageError(
-                f"Cannot decode image {name!r} of {self._cfg.name!r} ({self._cfg.train_split!r}); "
+                f"Cannot decode image {names[0]!r} of {self._cfg.name!r} ({self._cfg.train_split!r}); "
                 f"replace or delete it, or set data.on_corrupt='skip' to skip such images."
             )
-        log.warning("Skipped corrupt image %r of %s (%d skipped so far).", name, self._cfg.name, total)
-        self.num_skipped = total
+        self._skipped.update(names)
+        _log_skipped(self._src, names)
 
     def _epoch(self, epoch: int, offset: int):
         """This process's batches of `epoch`, from batch `offset` on."""
@@ -226,7 +230,6 @@ class TrainBatches(Iterator):
                 "image": preprocess.normalize(image),
                 "label": ex["label"],
                 "skipped": ex["skipped"],
-                "last_bad": ex["last_bad"],
             }
 
         ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
@@ -234,24 +237,36 @@ class TrainBatches(Iterator):
 
 
 def _count_and_drop_corrupt(ds):
-    """Drops examples whose image did not decode; the others carry the running count and last bad name."""
+    """Drops examples whose image did not decode; each kept one names, in "skipped", those dropped
+    since the previous kept one (each name followed by _SEP), so that every skipped file is reported."""
     tf = _tf.tf()
 
-    def count(state, ex):
-        skipped, last_bad = state
-        skipped += tf.cast(tf.logical_not(ex["ok"]), tf.int64)
-        last_bad = tf.where(ex["ok"], last_bad, ex["file_name"])
-        return (skipped, last_bad), {**ex, "skipped": skipped, "last_bad": last_bad}
+    def carry(pending, ex):
+        named = tf.strings.join([pending, ex["file_name"], _SEP])
+        return tf.where(ex["ok"], "", named), {**ex, "skipped": pending}
 
-    ds = ds.scan((tf.constant(0, tf.int64), tf.constant("")), count)
-    return ds.filter(lambda ex: ex["ok"])
+    return ds.scan(tf.constant(""), carry).filter(lambda ex: ex["ok"])
+
+
+def _log_skipped(src: Source, names: list[str]) -> None:
+    """Names each undecodable image in the log once per process and data set, however often it is met."""
+    for name in names:
+        if name not in src.skipped:
+            src.skipped.add(name)
+            log.warning("Skipped image %r of %s: it cannot be decoded (%d so far).", name, src.name, len(src.skipped))
+
+
+def _skipped_names(column: np.ndarray) -> list[str]:
+    """The file names in a batch's "skipped" column, in order."""
+    return [n.decode(errors="replace") for joined in column if joined for n in joined.split(_SEP.encode())[:-1]]
 
 
 class EvalBatches:
     """The eval split's batches for one process; see `eval_batches`. Iterate it once per evaluation.
 
     `len()`: batches per pass (equal on every process). `num_examples`: this process's examples.
-    `num_skipped`: corrupt images left out (masked) in the last pass.
+    `num_skipped`: images of this process's part left out (masked) because they could not be
+    decoded, counted during the current pass (after a full pass: that pass's total).
     """
 
     def __init__(self, cfg, batch_size: int, process_index: int, process_count: int):
@@ -269,20 +284,18 @@ class EvalBatches:
         return self._num_batches
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        skipped = 0
+        self.num_skipped = 0
         for batch in self._dataset().as_numpy_iterator():
             bad = batch["real"] & ~batch["ok"]
-            if bad.any():
-                names = [n.decode(errors="replace") for n in batch["file_name"][bad]]
-                if self._cfg.on_corrupt == "fail":
-                    raise CorruptImageError(
-                        f"Cannot decode image {names[0]!r} of {self._cfg.name!r} ({self._cfg.eval_split!r}); "
-                        f"replace or delete it, or set data.on_corrupt='skip' to leave such images out."
-                    )
-                skipped += len(names)
-                log.warning("Left out corrupt eval image(s) %s of %s.", names, self._cfg.name)
+            names = [n.decode(errors="replace") for n in batch["file_name"][bad]]
+            if names and self._cfg.on_corrupt == "fail":
+                raise CorruptImageError(
+                    f"Cannot decode image {names[0]!r} of {self._cfg.name!r} ({self._cfg.eval_split!r}); "
+                    f"replace or delete it, or set data.on_corrupt='skip' to leave such images out."
+                )
+            self.num_skipped += len(names)
+            _log_skipped(self._src, names)
             yield {"image": batch["image"], "label": batch["label"], "mask": batch["real"] & batch["ok"]}
-        self.num_skipped = skipped
 
     def _dataset(self):
         tf, cfg, size = _tf.tf(), self._cfg, self._cfg.image_size

@@ -6,16 +6,35 @@ could not be decoded, whose image is then a 1×1 black placeholder). Images stay
 see identical pixels. Random ops are stateless: the same seed gives the same crop and flip.
 """
 
+import io
+
+import numpy as np
+from PIL import Image
+
 from gcp_jax import imagenet
 from gcp_jax.data import _tf
 
+_FAST_HEADS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # How JPEG and PNG files begin.
+
 
 def decode(ds):
-    """Decodes "image" (JPEG/PNG/GIF/BMP bytes) to uint8 [H, W, 3] in parallel, flagging failures in "ok"."""
+    """Decodes "image" to uint8 [H, W, 3] in parallel, flagging failures in "ok".
+
+    JPEG and PNG (by their first bytes, whatever the file name) go to TensorFlow's decoders, fast
+    and right for every mode of these formats; anything else (BMP, GIF, WebP, TIFF, ...) to
+    Pillow, which TensorFlow does not match: it reads no TIFF and gives a palette BMP's indices.
+    """
     tf = _tf.tf()
 
     def decode_one(example):
-        image = tf.io.decode_image(example["image"], channels=3, expand_animations=False)
+        contents = example["image"]
+        fast = tf.reduce_any([tf.strings.substr(contents, 0, len(h)) == h for h in _FAST_HEADS])
+        image = tf.cond(
+            fast,
+            lambda: tf.io.decode_image(contents, channels=3, expand_animations=False),
+            lambda: tf.numpy_function(pillow_rgb, [contents], tf.uint8, stateful=False),
+        )
+        image.set_shape([None, None, 3])
         return {**example, "image": image, "ok": tf.constant(True)}
 
     def try_decode(example):
@@ -34,6 +53,22 @@ def decode(ds):
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
+
+
+def pillow_rgb(contents: bytes) -> np.ndarray:
+    """An encoded image (any format Pillow reads; its first frame) as uint8 RGB [H, W, 3].
+
+    Palette, grey, alpha and CMYK modes go through Pillow's conversion; 16-bit grey is scaled
+    to 8 bits (Pillow's conversion would clip it to white). Raises for what it cannot read, and
+    for floating-point images, whose range is unknown.
+    """
+    with Image.open(io.BytesIO(contents)) as image:
+        if image.mode.startswith("I;16") or image.mode == "I":
+            grey = np.asarray(image).astype(np.float64) / 257.0  # 65535 → 255
+            return np.repeat(np.clip(np.round(grey), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+        if image.mode == "F":
+            raise ValueError("32-bit floating-point images have no defined range.")
+        return np.asarray(image.convert("RGB"))
 
 
 def resize(image, size: int, mode: str):

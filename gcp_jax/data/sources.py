@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import logging
 import os
 import types
 from collections.abc import Callable, Mapping
@@ -18,13 +19,15 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from gcp_jax.data import _tf
+from gcp_jax.data import _tf, offline
 from gcp_jax.data.errors import MissingDataError, missing_data_message
 
 OWN_BUILDERS = ("fgvc_aircraft", "stanford_cars", "synthetic_fgvc")
 IMAGE_FOLDER = "image_folder"
 FOLDER_SPLITS = ("train", "trainval", "val", "validation", "test")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+TRAIN_FOLDERS = ("train", "trainval")
+_NAMED_MAX = 20  # Ignored files named in one log line.
+log = logging.getLogger("gcp_jax.data")
 _FILE_NAME_KEYS = ("file_name", "image/filename", "id")  # What the catalog's builders call it.
 _KNOWN = (
     "fgvc_aircraft[/variant|/family|/manufacturer], stanford_cars, synthetic_fgvc, image_folder, or a "
@@ -40,6 +43,7 @@ class Source:
     class_names: tuple[str, ...]
     split_sizes: Mapping[str, int]
     read: Callable[..., Any]  # read(split, *, shuffle_files: bool, seed: int | None) -> tf.data.Dataset
+    skipped: set[str] = dataclasses.field(default_factory=set)  # Undecodable files already named in the log.
 
     def ranges(self, split) -> list[tuple[str, int, int]]:
         """The (split name, start, stop) ranges that a split spec or sub-split selects."""
@@ -93,8 +97,8 @@ def _tfds_source(name: str, data_dir: str, manual_dir: str, synthetic: tuple[int
         builder = tfds.builder(name, **kwargs)
     except ValueError as e:  # tfds.core.registered.DatasetNotFoundError, or an unknown config.
         raise ValueError(f"Unknown data set {name!r} ({_first_line(e)}); use {_KNOWN}.") from None
-    if not builder.is_prepared():
-        _prepare(builder, data_dir, manual_dir)
+    if not (builder.data_path.exists() and builder.is_prepared()):  # (TFDS warns about a folder it lacks.)
+        _prepare(builder, manual_dir)
     file_key = next((k for k in _FILE_NAME_KEYS if k in builder.info.features), None)
     return Source(
         name=name,
@@ -104,17 +108,22 @@ def _tfds_source(name: str, data_dir: str, manual_dir: str, synthetic: tuple[int
     )
 
 
-def _prepare(builder, data_dir: str, manual_dir: str) -> None:
-    """download_and_prepare; a catalog builder's failure becomes a MissingDataError saying what to fetch."""
+def _prepare(builder, manual_dir: str) -> None:
+    """download_and_prepare; a catalog builder's failure becomes a MissingDataError saying what to fetch.
+
+    An unreachable download fails at once, and a failure leaves data_dir as it was (see `offline`).
+    """
     tfds = _tf.tfds()
+    root = os.fspath(builder.data_dir_root)
+    config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
     try:
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
+        with offline.removed_on_failure(root), offline.downloads_fail_fast():
+            builder.download_and_prepare(download_config=config)
     except MissingDataError as e:
         raise MissingDataError(str(e)) from None  # The own builders' message, without TFDS's stack.
     except Exception as e:  # pylint: disable=broad-except
         if builder.name in OWN_BUILDERS:
             raise
-        root = data_dir or tfds.core.constants.get_default_data_dir()
         manual = manual_dir or os.path.join(root, "downloads", "manual")
         raise MissingDataError(
             _catalog_message(builder, manual)
@@ -128,10 +137,13 @@ def _catalog_message(builder, manual: str) -> str:
         urls = type(builder).url_infos or {}
     except Exception:  # pylint: disable=broad-except  # Some builders keep no checksums.
         urls = {}
-    named = {info.filename: url for url, info in urls.items() if info.filename}
+    named = {}  # {file name: its URLs}: a file may have several (a mirror, an old address).
+    for url, info in urls.items():
+        if info.filename:
+            named.setdefault(info.filename, []).append(url)
     if named:
         files = ", ".join(sorted(named))
-        sources = ", ".join(f"{url} ({fname})" for fname, url in sorted(named.items()))
+        sources = ", ".join(f"{' or '.join(found)} ({fname})" for fname, found in sorted(named.items()))
         return missing_data_message(builder.name, files, manual, sources)
     return (
         f"Data set {builder.name!r} is not prepared and TFDS could not download it; TFDS cannot read its "
@@ -148,11 +160,12 @@ def _read_tfds(builder, file_key: str | None, split, *, shuffle_files: bool, see
         split=split,
         shuffle_files=shuffle_files,
         decoders=tfds.decode.PartialDecoding(wanted, decoders={"image": tfds.decode.SkipDecoding()}),
-        read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=False),
+        # Without a file name feature, TFDS's example id ("<file>__<index>") names an example.
+        read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=False, add_tfds_id=file_key is None),
     )
 
     def select(ex):
-        name = ex[file_key] if file_key else tf.constant("")
+        name = ex[file_key or "tfds_id"]
         if name.dtype != tf.string:
             name = tf.strings.as_string(name)
         return {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32), "file_name": name}
@@ -161,34 +174,36 @@ def _read_tfds(builder, file_key: str | None, split, *, shuffle_files: bool, see
 
 
 def _image_folder(root: str) -> Source:
-    """A folder of class subfolders, or of split subfolders (train/, test/, ...) of class subfolders."""
+    """A folder of class subfolders, or of split subfolders (train/, test/, ...) of class subfolders.
+
+    Hidden folders (names starting with "." or "_", e.g. .ipynb_checkpoints, __MACOSX) and hidden
+    files (".DS_Store") are ignored; other files that are not images are named in the log; a class
+    folder without images is left out with a warning; a class without training images is an error.
+    """
     if not root or not epath.Path(root).is_dir():
         raise MissingDataError(
             f"image_folder needs data.manual_dir to be a folder with one subfolder of images per "
             f"class (optionally inside train/ and test/ folders); got {root!r}."
         )
     base = epath.Path(root)
-    subdirs = sorted(p for p in base.iterdir() if p.is_dir())
+    subdirs = [p for p in base.iterdir() if p.is_dir() and not _hidden(p)]
     if subdirs and all(p.name in FOLDER_SPLITS for p in subdirs):
         split_dirs = {p.name: p for p in subdirs}
     else:
         split_dirs = {"train": base}
-    classes = sorted({c.name for d in split_dirs.values() for c in d.iterdir() if c.is_dir()})
+    listed = {split: _class_images(base, folder) for split, folder in split_dirs.items()}
+    _check_train_classes(listed, root)
+    classes = sorted({c for per_class in listed.values() for c in per_class})
     index = {name: i for i, name in enumerate(classes)}
     files = {}
-    for split, folder in split_dirs.items():
-        found = [
-            (os.fspath(p.relative_to(base)), index[c.name])
-            for c in folder.iterdir()
-            if c.is_dir()
-            for p in c.iterdir()
-            if p.suffix.lower() in IMAGE_EXTENSIONS
-        ]
+    for split, per_class in listed.items():
+        found = [(path, index[c]) for c, paths in per_class.items() for path in paths]
         # A fixed pseudo-random order (by name hash), so that "train[:90%]" is a random 90 %.
         files[split] = sorted(found, key=lambda f: hashlib.md5(f[0].encode()).hexdigest())
     if not any(files.values()):
         raise MissingDataError(
-            f"image_folder found no images ({', '.join(IMAGE_EXTENSIONS)}) in class subfolders of {root}."
+            f"image_folder found no images (files Pillow reads, such as .jpg, .png, .webp, .tif) in class "
+            f"subfolders of {root}; put each class's images in a subfolder named after the class."
         )
     sizes = {k: len(v) for k, v in files.items()}
     return Source(
@@ -197,6 +212,64 @@ def _image_folder(root: str) -> Source:
         split_sizes=sizes,
         read=functools.partial(_read_folder, base, files, sizes),
     )
+
+
+@functools.cache
+def image_extensions() -> frozenset[str]:
+    """The file extensions (lower case, with the dot) of every format Pillow can open."""
+    from PIL import Image, ImageFile  # pylint: disable=g-import-not-at-top
+
+    def readable(fmt):  # Stub plugins (HDF5, GRIB, BUFR) only recognise files; they cannot read them.
+        factory = Image.OPEN.get(fmt, (None,))[0]
+        return factory is not None and not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))
+
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if readable(fmt))
+
+
+def _hidden(path: epath.Path) -> bool:
+    """A hidden folder (".git", "__MACOSX", "_build") or file (".DS_Store", "._photo.jpg")."""
+    return path.name.startswith(".") or (path.name.startswith("_") and path.is_dir())
+
+
+def _class_images(base: epath.Path, folder: epath.Path) -> dict[str, list[str]]:
+    """{class: its image files relative to base} of the class subfolders of `folder`, logging the rest."""
+    images, ignored, extensions = {}, [], image_extensions()
+    for entry in sorted(p for p in folder.iterdir() if not _hidden(p)):
+        if not entry.is_dir():
+            ignored.append(entry)  # Not inside a class folder.
+            continue
+        found = []
+        for path in sorted(p for p in entry.iterdir() if not _hidden(p)):
+            (found if path.suffix.lower() in extensions else ignored).append(path)
+        if found:
+            images[entry.name] = [os.fspath(p.relative_to(base)) for p in found]
+        else:
+            log.warning(
+                "image_folder: left out the class folder %s of %s: it holds no images.", entry.relative_to(base), base
+            )
+    if ignored:
+        names = ", ".join(os.fspath(p.relative_to(base)) for p in ignored[:_NAMED_MAX])
+        more = f" and {len(ignored) - _NAMED_MAX} more" if len(ignored) > _NAMED_MAX else ""
+        log.warning("image_folder: ignored what is not an image (by its extension) in %s: %s%s.", base, names, more)
+    return images
+
+
+def _check_train_classes(listed: Mapping[str, Mapping[str, list]], root: str) -> None:
+    """Every class of an evaluation folder (test/, val/, ...) must have images in a training folder."""
+    train = [split for split in TRAIN_FOLDERS if split in listed]
+    if not train:
+        return
+    trained = {c for split in train for c in listed[split]}
+    for split, per_class in listed.items():
+        missing = sorted(set(per_class) - trained)
+        if missing:
+            what = (
+                f"class {missing[0]!r} of {split}/ has" if len(missing) == 1 else f"classes {missing} of {split}/ have"
+            )
+            raise MissingDataError(
+                f"image_folder: {what} no images in {' or '.join(s + '/' for s in train)} of {root}, so no "
+                f"model can learn them; add training images or remove these classes from {split}/."
+            )
 
 
 def _read_folder(base, files: dict, sizes: dict, split, *, shuffle_files: bool, seed: int | None):

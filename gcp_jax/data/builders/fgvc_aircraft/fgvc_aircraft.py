@@ -11,6 +11,7 @@ The archive is read from manual_dir (as downloaded or extracted) or else downloa
 
 import dataclasses
 import io
+from typing import ClassVar
 
 import tensorflow_datasets as tfds
 from etils import epath
@@ -44,8 +45,8 @@ class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
     """FGVC-Aircraft 2013b: image, label, file name, bounding box; banner cropped."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-    BUILDER_CONFIGS = [
+    RELEASE_NOTES: ClassVar = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS: ClassVar = [
         FgvcAircraftConfig(name=level, level=level, description=f"Labels are aircraft {level} names.")
         for level in LEVEL_FILES
     ]
@@ -69,7 +70,8 @@ class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
             try:
                 archive = dl_manager.download(URL)
             except Exception as e:  # pylint: disable=broad-except  # offline, proxy, server down
-                raise MissingDataError(f"{message} (The download failed: {type(e).__name__}.)") from None
+                reason = (str(e).splitlines() or [""])[0][:200]
+                raise MissingDataError(f"{message} (The download failed: {type(e).__name__}: {reason})") from None
             _files.check_md5(archive, ARCHIVE_MD5)
             found = _files.find([dl_manager.extract(archive)], "images_box.txt")
             if found is None:

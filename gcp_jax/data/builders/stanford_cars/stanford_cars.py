@@ -10,6 +10,8 @@ in the Kaggle copy). Images are stored as they come; boxes are the devkit's 1-ba
 normalised.
 """
 
+from typing import ClassVar
+
 import numpy as np
 import scipy.io
 import tensorflow_datasets as tfds
@@ -40,7 +42,7 @@ class StanfordCars(tfds.core.GeneratorBasedBuilder):
     """Stanford Cars: image, label, file name, bounding box."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    RELEASE_NOTES: ClassVar = {"1.0.0": "Initial release."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"Put {EXPECTED} in manual_dir; get them from {SOURCE}."
 
     def _info(self) -> tfds.core.DatasetInfo:

@@ -6,11 +6,15 @@ One config per size setting, named after it (e.g. `c10_train300_test50_px64`), s
 different settings are cached side by side.
 """
 
+import contextlib
 import dataclasses
 import io
+from collections.abc import Iterator
+from typing import ClassVar
 
 import tensorflow_datasets as tfds
 from PIL import Image
+from tensorflow_datasets.core.utils import tqdm_utils
 
 from gcp_jax.data import synthetic
 
@@ -44,8 +48,8 @@ class SyntheticFgvc(tfds.core.GeneratorBasedBuilder):
     """Gratings whose classes differ only in orientation and colour correlation."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-    BUILDER_CONFIGS = [synthetic_config(10, 300, 50, 64)]
+    RELEASE_NOTES: ClassVar = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS: ClassVar = [synthetic_config(10, 300, 50, 64)]
 
     def _info(self) -> tfds.core.DatasetInfo:
         cfg = self.builder_config
@@ -61,6 +65,20 @@ class SyntheticFgvc(tfds.core.GeneratorBasedBuilder):
             ),
             supervised_keys=("image", "label"),
         )
+
+    def _download_and_prepare(self, dl_manager, download_config=None):
+        """TFDS's generation without its progress bars: a few seconds of computing, nothing to watch."""
+        with _no_progress_bars():
+            super()._download_and_prepare(dl_manager, download_config)
+
+    def _log_download_bytes(self):
+        """One line instead of TFDS's "Downloading and preparing dataset Unknown size ..."."""
+        cfg = self.builder_config
+        images = cfg.num_classes * (cfg.train_per_class + cfg.test_per_class)
+        print(f"Generating synthetic_fgvc ({images} images, {cfg.image_size} px) in {self.data_dir}, once.")
+
+    def _log_download_done(self):
+        """Nothing: TFDS would print that the data set was "downloaded"."""
 
     def _split_generators(self, dl_manager):
         del dl_manager  # Nothing to download.
@@ -79,3 +97,14 @@ class SyntheticFgvc(tfds.core.GeneratorBasedBuilder):
                 out = io.BytesIO()
                 Image.fromarray(image).save(out, format="PNG", compress_level=1)
                 yield name, {"image": out.getvalue(), "label": label, "file_name": name}
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """TFDS's progress bars off, then back as they were."""
+    shown = getattr(tqdm_utils, "_active", True)  # TFDS has a setter, no getter.
+    tfds.display_progress_bar(False)
+    try:
+        yield
+    finally:
+        tfds.display_progress_bar(shown)
