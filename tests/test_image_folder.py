@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gcp_jax import data
+from gcp_jax import data, imagenet
 from gcp_jax.data import _tf, preprocess
 
 GREEN, GREY = (0, 255, 0), (156, 156, 156)
@@ -103,7 +103,7 @@ def _colours(cfg):
     """(label, mean RGB) of every real example of the eval split, un-normalised."""
     out = []
     for batch in data.eval_batches(cfg, batch_size=8, process_index=0, process_count=1):
-        pixels = (batch["image"] * np.array(preprocess.STD) + np.array(preprocess.MEAN)) * 255
+        pixels = imagenet.denormalize(batch["image"]) * 255
         out += [(label, p.reshape(-1, 3).mean(0)) for label, p, m in zip(batch["label"], pixels, batch["mask"]) if m]
     return out
 
