@@ -24,6 +24,7 @@ what was expected.
 
 from __future__ import annotations
 
+import _compat_pickle
 import dataclasses
 import functools
 import io
@@ -53,7 +54,7 @@ _TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "r
 
 
 # ----------------------------------------------------------------------------------------------
-# The target: leaves of create_model(arch, num_classes, head="gap")
+# The target model's leaves; errors for files that cannot be read
 
 
 def _target_leaves(
@@ -235,9 +236,17 @@ def _globals_in(ops) -> set[str]:
     """The classes and functions a pickle names: its GLOBAL opcodes ("module name").
 
     torch.save writes pickle protocol 2, where GLOBAL is the only way to name code (torch's
-    weights-only unpickler accepts no other).
+    weights-only unpickler accepts no other), with Python 2 names such as `__builtin__.list`;
+    torch renames some of them, so each comes both as written and under its Python 3 name.
     """
-    return {arg.replace(" ", ".") for name, arg in ops if name == "GLOBAL"}
+    names = set()
+    for opcode, arg in ops:
+        if opcode == "GLOBAL":
+            module, name = arg.split(" ")
+            names.add(f"{module}.{name}")
+            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+            names.add(f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}")
+    return names
 
 
 _PICKLE_LONG, _TORCH_LEGACY_MAGIC = "LONG1", 0x1950A86A20F9469CFC6C  # the first pickle of torch's legacy format

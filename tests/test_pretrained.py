@@ -3,10 +3,14 @@
 Reference models have random weights (and random BatchNorm statistics, so every tensor matters),
 written in the file layouts people have: Keras 3 `.weights.h5`, the tf.keras-2 HDF5 layout of the
 keras.applications downloads (built here with h5py), Keras 3's legacy full-model `.h5`, and
-torchvision-style state dicts as `.pth` and `.safetensors`. No download happens.
+torchvision-style state dicts as `.pth` and `.safetensors` (bare or in `{'state_dict'|'model': …}`).
+Files that cannot be read (empty, truncated, random bytes, wrong format) get one sentence, and
+pickled extras in a checkpoint load as inert placeholders. No download happens. The GCP field's
+checkpoints (fast-MPN-COV, DifferentiableSVD) are tests/test_pretrained_gcp.py's.
 """
 
 import argparse
+import collections
 import functools
 import os
 import re
@@ -359,11 +363,13 @@ class RunsACommand:
 
 @pytest.mark.parametrize("legacy", [False, True])
 def test_extras_naming_code_load_as_placeholders_and_run_nothing(tmp_path, legacy):
-    """A checkpoint's pickled extras (here a would-be subprocess call) do not run, and the tensors load."""
+    """A checkpoint's pickled extras (a would-be subprocess call, numpy scalars, a defaultdict, pickled under
+    Python 2 names) load as inert placeholders: nothing runs, and the tensors load."""
     marker = tmp_path / "ran"
     state = {f"layer4.2.bn3.{k}": torch.ones(2048) for k in ("weight", "bias", "running_mean", "running_var")}
     path = tmp_path / "checkpoint.pth.tar"
-    torch.save({"state_dict": state, "hook": RunsACommand(marker)}, path, _use_new_zipfile_serialization=not legacy)
+    extras = {"hook": RunsACommand(marker), "best_acc": np.float64(0.9), "history": collections.defaultdict(list)}
+    torch.save({"state_dict": state, **extras}, path, _use_new_zipfile_serialization=not legacy)
     with pytest.raises(ValueError, match=r"tensor '[\w.]+' that resnet50 needs is missing"):
         pretrained.load_pretrained(str(path), "resnet50")  # read to the mapping: the tensors were loaded
     assert not marker.exists()
