@@ -175,7 +175,7 @@ def _keras_layer(module: tuple) -> str:
 
 
 def _keras_tensors(path, arch):
-    """(target leaves, {leaf key: (name in the file, array in Flax layout)}) for an EfficientNet."""
+    """(target leaves, {leaf key: (name in the file, array in Flax layout)}, None) for an EfficientNet."""
     layers = _read_keras(path)
     _check_keras_normalization(layers, path)
     leaves = _target_leaves(arch, layers["predictions"][-1][1].shape[0] if "predictions" in layers else 1000)
@@ -202,7 +202,7 @@ def _keras_tensors(path, arch):
         raise ValueError(
             f"{path}: tensor {name!r} has no place in {arch}; the file is probably for another architecture."
         )
-    return leaves, out
+    return leaves, out, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,20 +342,23 @@ def _state_dict(obj, path) -> dict:
     )
 
 
-def _read_torch(path) -> dict[str, np.ndarray]:
-    """{state-dict key: array} of a `.safetensors` file or of a torch.save file (its tensors only)."""
+def _read_torch(path) -> tuple[dict[str, np.ndarray], str | None]:
+    """({state-dict key: array}, the checkpoint's `arch` entry or None) of a `.safetensors` file or of a
+    torch.save file (its tensors only)."""
     if path.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
         try:
-            return load_file(path)
+            return load_file(path), None
         except (SafetensorError, OSError) as e:
             raise _unreadable(path, "a .safetensors file (a JSON header, then the tensors)", e) from None
     import torch
 
-    state = _state_dict(_torch_load(path), path)
-    return {k: v.float().numpy() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    obj = _torch_load(path)
+    arch = obj.get("arch") if isinstance(obj, dict) else None
+    state = {k: v.float().numpy() for k, v in _state_dict(obj, path).items() if isinstance(v, torch.Tensor)}
+    return state, arch if isinstance(arch, str) else None
 
 
 # Newmodel (the `main.py` model of fast-MPN-COV and DifferentiableSVD) keeps the ResNet's children as
@@ -441,12 +444,16 @@ def _flax_layout(array: np.ndarray) -> np.ndarray:
 
 
 def _torch_tensors(path, arch):
-    """(backbone leaves, {leaf key: (key in the file, array in Flax layout)}) for a ResNet.
+    """(backbone leaves, {leaf key: (key in the file, array in Flax layout)}, the file's model) for a ResNet.
 
     The backbone must be complete; the GCP head's reduction and the classifier come along when the
     file has them, each module whole, with the file's shapes (`init_from_pretrained` fits them).
+    The file's model is a checkpoint's `arch`, or "mpncovresnet" for fast-MPN-COV's model zoo.
     """
-    state = _canonical_state(_read_torch(path), path)
+    raw, file_arch = _read_torch(path)
+    if file_arch is None and "layer_reduce.weight" in raw:
+        file_arch = "mpncovresnet"
+    state = _canonical_state(raw, path)
     leaves = _gcp_model_leaves(arch)
     backbone = {k: v for k, v in leaves.items() if k[1] == "backbone"}
     out = {}
@@ -471,7 +478,7 @@ def _torch_tensors(path, arch):
             f"{path}: tensor {next(iter(state.values()))[0]!r} has no place in {arch}; the file is probably for "
             "another architecture."
         )
-    return backbone, out
+    return backbone, out, file_arch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,7 +523,12 @@ def load_pretrained(path: str, arch: str) -> dict[str, Any]:
     ValueError naming the first tensor that is missing, has the wrong shape or has no place in `arch`,
     and one sentence for a file that cannot be read.
     """
-    leaves, tensors = _reader(path, arch)(path, arch)
+    return _load(path, arch)[0]
+
+
+def _load(path: str, arch: str) -> tuple[dict[str, Any], str | None]:
+    """(`load_pretrained`'s variables, the model the file names: a checkpoint's `arch` or None)."""
+    leaves, tensors, file_arch = _reader(path, arch)(path, arch)
     flat = {}
     for key, (name, array) in tensors.items():
         if key in leaves and array.shape != leaves[key].shape:
@@ -525,7 +537,7 @@ def load_pretrained(path: str, arch: str) -> dict[str, Any]:
                 "the file is probably for another architecture."
             )
         flat[key] = np.asarray(array, np.float32)
-    return traverse_util.unflatten_dict(flat)
+    return traverse_util.unflatten_dict(flat), file_arch
 
 
 def _module_names(leaf_paths) -> str:
@@ -536,12 +548,24 @@ def _module_names(leaf_paths) -> str:
 @dataclasses.dataclass
 class PretrainedReport:
     """What `init_from_pretrained` copied (`loaded`), left at its fresh init (`skipped`), as leaf paths,
-    and which of the file's tensors did not fit the model (`unused`: leaf path and why)."""
+    which of the file's tensors did not fit the model (`unused`: leaf path and why), and the model
+    the file names (`file_arch`: a main.py checkpoint's `arch`, "mpncovresnet" for a model-zoo file)."""
 
     path: str
     loaded: list[str]
     skipped: list[str]
     unused: list[str] = dataclasses.field(default_factory=list)
+    file_arch: str | None = None
+
+    @property
+    def file_last_stride(self) -> int | None:
+        """The stride of layer4 in the model the file was trained as (weights do not show it): 1 for
+        fast-MPN-COV's mpncovresnet, 2 for a main.py checkpoint of a torchvision ResNet, else None."""
+        if self.file_arch is None:
+            return None
+        if self.file_arch.startswith("mpncovresnet"):
+            return 1
+        return 2 if self.file_arch.startswith("resnet") else None
 
     def __str__(self):
         fresh, unused = _module_names(self.skipped), _module_names(self.unused)
@@ -549,6 +573,8 @@ class PretrainedReport:
         text += f" ({fresh})" if fresh else ""
         if unused:
             text += f"; the file's {unused} did not fit the model (other shape or no such layer) and went unused"
+        if self.file_last_stride:
+            text += f"; the file's model is {self.file_arch} (last_stride={self.file_last_stride})"
         return text + "."
 
 
@@ -584,7 +610,8 @@ def init_from_pretrained(variables, path: str, arch: str):
     1000-class model); otherwise they keep their init and the report says which of the file's
     tensors went unused. Returns (new variables, PretrainedReport).
     """
-    source = traverse_util.flatten_dict(load_pretrained(path, arch))
+    variables_in_file, file_arch = _load(path, arch)
+    source = traverse_util.flatten_dict(variables_in_file)
     target = traverse_util.flatten_dict(unfreeze(variables))
     _check_backbone(source, target, path, arch)
     fits = _fitting_modules(source, target)
@@ -598,7 +625,7 @@ def init_from_pretrained(variables, path: str, arch: str):
     unused = [
         f"{'/'.join(key)}: {_misfit(array, target.get(key))}" for key, array in source.items() if key[1:-1] not in fits
     ]
-    return traverse_util.unflatten_dict(out), PretrainedReport(path, loaded, skipped, unused)
+    return traverse_util.unflatten_dict(out), PretrainedReport(path, loaded, skipped, unused, file_arch)
 
 
 def _fitting_modules(source, target) -> set[tuple]:

@@ -154,6 +154,8 @@ def test_mpncovresnet50_logits_match(mpncov, layout):
     apply, zeros = isqrt_model()
     variables, report = pretrained.init_from_pretrained(zeros, mpncov["files"][layout], "resnet50")
     assert report.skipped == [] and report.unused == []
+    assert report.file_last_stride == 1  # the zoo's layout, or the checkpoint's arch 'mpncovresnet50'
+    assert str(report).endswith(f"kept 0 at their fresh init; the file's model is {report.file_arch} (last_stride=1).")
     assert_close(apply(variables, mpncov["images"]), mpncov["logits"][layout], rtol=1e-4)
 
 
@@ -205,7 +207,7 @@ def test_new_classes_keep_a_fresh_classifier_and_say_so(mpncov):
     ]
     assert str(report).endswith(
         "kept 2 at their fresh init (classifier); the file's classifier did not fit the model (other shape or "
-        "no such layer) and went unused."
+        "no such layer) and went unused; the file's model is mpncovresnet (last_stride=1)."
     )
     assert not np.any(variables["params"]["classifier"]["kernel"])
     state = torch.load(mpncov["files"]["model_zoo"], weights_only=True)
@@ -306,6 +308,7 @@ def test_seb_checkpoint_matches_differentiable_svd(seb_checkpoint):
         pooled = pooled64(jax.tree.map(lambda a: np.asarray(a, np.float64), variables), seb_checkpoint["images"])
     assert not jax.config.jax_enable_x64
     assert report.skipped == [] and report.unused == []
+    assert (report.file_arch, report.file_last_stride) == ("resnet50", 2)
     assert_close(logits, seb_checkpoint["logits"], rtol=1e-4)
     assert pooled.dtype == np.float64
     assert_close(pooled, seb_checkpoint["pooled64"], rtol=1e-11)
