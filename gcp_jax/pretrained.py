@@ -527,7 +527,8 @@ def load_pretrained(path: str, arch: str) -> dict[str, Any]:
 
 
 def _load(path: str, arch: str) -> tuple[dict[str, Any], str | None]:
-    """(`load_pretrained`'s variables, the model the file names: a checkpoint's `arch` or None)."""
+    """(`load_pretrained`'s variables, the model the file names: a checkpoint's `arch`, "mpncovresnet" for the
+    model zoo, or None)."""
     leaves, tensors, file_arch = _reader(path, arch)(path, arch)
     flat = {}
     for key, (name, array) in tensors.items():
