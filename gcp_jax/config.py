@@ -49,7 +49,7 @@ def get_config() -> config_dict.ConfigDict:
     c.model.arch = HEADLINE_ARCH  # efficientnet_b0..b7, resnet50, resnet101 (resnet_tiny: demo/tests).
     c.model.head = "gcp"  # "gcp" (covariance head, see gcp.*) or "gap" (global average pooling baseline).
     c.model.pretrained = ""  # ImageNet weights file (Keras .h5, torchvision .pth/.safetensors); "" = random init.
-    c.model.dtype = "float32"  # Backbone compute dtype: "float32" or "bfloat16" (the spectral head uses gcp.dtype).
+    c.model.dtype = "float32"  # Backbone compute dtype: "float32", "bfloat16" or "float64" (the head uses gcp.dtype).
     c.model.dropout_rate = config_dict.placeholder(float)  # Dropout before the classifier; None = the arch's (B5 0.4).
     c.model.drop_connect_rate = config_dict.placeholder(float)  # EfficientNet stochastic depth; None = 0.2 (ResNet: 0).
     c.model.last_stride = 2  # ResNet layer4: 1 = 28x28 maps at 448 px (GCP protocol), 2 = ImageNet's. EffNets: 2.

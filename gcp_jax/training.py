@@ -64,11 +64,11 @@ class RunResult:
 
 
 def configure_jax(config: ConfigDict) -> None:
-    """Process-wide JAX settings a run of `config` needs: 64-bit types for a float64 spectral head.
+    """Process-wide JAX settings a run of `config` needs: 64-bit types for a float64 head or backbone.
 
     Called by the entry points (train.py, the analysis CLI) before anything is traced.
     """
-    if config.gcp.dtype == "float64":
+    if "float64" in (config.gcp.dtype, config.model.dtype):
         jax.config.update("jax_enable_x64", True)
 
 

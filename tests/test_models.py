@@ -178,7 +178,7 @@ def test_every_arch_is_registered():
     [
         (dict(arch="vgg16"), "create_model: arch='vgg16' is not one of efficientnet_b0"),
         (dict(head="max"), "create_model: head='max' is not one of gap, gcp."),
-        (dict(dtype="float16"), "dtype='float16' is not one of float32, bfloat16 (did you mean 'bfloat16'?)"),
+        (dict(dtype="float16"), "dtype='float16' is not one of float32, bfloat16, float64 (did you mean 'bfloat16'?)"),
         (dict(last_stride=4), "last_stride=4 must be 1 or 2"),
         (dict(last_stride=1), "last_stride=1 applies to ResNets only"),
         (dict(arch="resnet50", drop_connect_rate=0.2), "drop_connect_rate applies to EfficientNets only"),

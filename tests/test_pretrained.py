@@ -3,11 +3,18 @@
 Reference models have random weights (and random BatchNorm statistics, so every tensor matters),
 written in the file layouts people have: Keras 3 `.weights.h5`, the tf.keras-2 HDF5 layout of the
 keras.applications downloads (built here with h5py), Keras 3's legacy full-model `.h5`, and
-torchvision-style state dicts as `.pth` and `.safetensors`. No download happens.
+torchvision-style state dicts as `.pth` and `.safetensors` (bare or in `{'state_dict'|'model': …}`).
+Files that cannot be read (empty, truncated, random bytes, wrong format) get one sentence, and
+pickled extras in a checkpoint load as inert placeholders. No download happens. The GCP field's
+checkpoints (fast-MPN-COV, DifferentiableSVD) are tests/test_pretrained_gcp.py's.
 """
 
+import argparse
+import collections
 import functools
 import os
+import re
+import subprocess
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
@@ -19,31 +26,15 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from torch import nn as tnn
+from flax import traverse_util
+from pretrained_reference import MEAN, STD, ResNet, assert_close, nchw, normalised, randomised, raw_images
 
 from gcp_jax import pretrained
 from gcp_jax.models import create_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:The structure of `inputs`")
 
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
 SIZE = 64
-
-
-def raw_images(n=2, seed=0):
-    return np.random.default_rng(seed).uniform(0, 255, (n, SIZE, SIZE, 3)).astype(np.float32)
-
-
-def normalised(raw):
-    return (raw / 255.0 - MEAN) / STD
-
-
-def assert_close(ours, reference, rtol=1e-4):
-    ours, reference = np.asarray(ours), np.asarray(reference)
-    assert ours.shape == reference.shape
-    err = np.abs(ours - reference).max() / np.abs(reference).max()
-    assert err <= rtol, f"relative error {err:.2e}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,72 +204,22 @@ def test_keras_non_imagenet_input_normalisation_is_refused(b0, tmp_path):
 def test_file_and_arch_errors(b0, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         pretrained.load_pretrained(str(tmp_path / "nope.h5"), "efficientnet_b0")
-    with pytest.raises(ValueError, match="resnet50 loads torchvision state dicts"):
+    with pytest.raises(ValueError, match="resnet50 loads PyTorch state dicts"):
         pretrained.load_pretrained(b0["files"]["tf_keras2"], "resnet50")
     with pytest.raises(ValueError, match="Unknown arch"):
         pretrained.load_pretrained(b0["files"]["tf_keras2"], "vgg16")
 
 
 # ----------------------------------------------------------------------------------------------
-# ResNet-50: an independent torch implementation of the torchvision layout
-
-
-class TorchBottleneck(tnn.Module):
-    def __init__(self, inplanes, planes, stride):
-        super().__init__()
-        self.conv1 = tnn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = tnn.BatchNorm2d(planes)
-        self.conv2 = tnn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = tnn.BatchNorm2d(planes)
-        self.conv3 = tnn.Conv2d(planes, 4 * planes, 1, bias=False)
-        self.bn3 = tnn.BatchNorm2d(4 * planes)
-        self.downsample = None
-        if stride != 1 or inplanes != 4 * planes:
-            self.downsample = tnn.Sequential(
-                tnn.Conv2d(inplanes, 4 * planes, 1, stride=stride, bias=False), tnn.BatchNorm2d(4 * planes)
-            )
-
-    def forward(self, x):
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = torch.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-class TorchResNet50(tnn.Module):
-    def __init__(self, num_classes=1000):
-        super().__init__()
-        self.conv1 = tnn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = tnn.BatchNorm2d(64)
-        self.maxpool = tnn.MaxPool2d(3, stride=2, padding=1)
-        inplanes = 64
-        for i, (blocks, planes) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512))):
-            layer = []
-            for j in range(blocks):
-                layer.append(TorchBottleneck(inplanes, planes, 2 if i > 0 and j == 0 else 1))
-                inplanes = 4 * planes
-            setattr(self, f"layer{i + 1}", tnn.Sequential(*layer))
-        self.fc = tnn.Linear(2048, num_classes)
-
-    def forward(self, x):
-        x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(x.mean(dim=(2, 3)))
+# ResNet-50: an independent torch implementation of the torchvision layout (pretrained_reference)
 
 
 @pytest.fixture(scope="module")
 def r50(tmp_path_factory):
-    torch.manual_seed(0)
-    model = TorchResNet50().eval()
+    model = randomised(ResNet)
+    images = normalised(raw_images(seed=5))
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, tnn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-        images = normalised(raw_images(seed=5))
-        logits = model(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+        logits = model(nchw(images)).numpy()
     d = tmp_path_factory.mktemp("r50")
     state = model.state_dict()
     files = {"pth": str(d / "resnet50.pth"), "safetensors": str(d / "resnet50.safetensors")}
@@ -301,7 +242,7 @@ def save_state(state, path):
 def test_torch_errors_name_the_tensor(r50, tmp_path):
     state = dict(r50["state"])
     del state["layer3.5.bn2.running_var"]
-    with pytest.raises(ValueError, match="'layer3.5.bn2.running_var' that resnet50 needs is missing"):
+    with pytest.raises(ValueError, match=r"'layer3\.5\.bn2\.running_var' that resnet50 needs is missing"):
         pretrained.load_pretrained(save_state(state, tmp_path / "a.safetensors"), "resnet50")
     state = dict(r50["state"], **{"layer2.0.conv2.weight": torch.zeros(128, 128, 1, 1)})
     with pytest.raises(
@@ -312,6 +253,151 @@ def test_torch_errors_name_the_tensor(r50, tmp_path):
         pretrained.load_pretrained(save_state(state, tmp_path / "b.safetensors"), "resnet50")
     with pytest.raises(ValueError, match=r"'layer3\.\d+\.\w+\.\w+' that resnet101 needs is missing"):
         pretrained.load_pretrained(r50["files"]["safetensors"], "resnet101")
+
+
+# ----------------------------------------------------------------------------------------------
+# Files that cannot be read: one sentence naming the file and what was expected
+
+
+def small_state():
+    return {"weight": torch.arange(12.0).reshape(3, 4), "bias": torch.zeros(3)}
+
+
+def truncated(path, fraction=0.6):
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * fraction)])
+
+
+def make_bad_file(kind, d):
+    """(path, arch, what the message must say) for one kind of unreadable file."""
+    if kind == "empty_pth":
+        path = d / "resnet50.pth"
+        path.write_bytes(b"")
+        return path, "resnet50", r"is empty \(0 bytes\); download or copy it again"
+    if kind == "random_pth":
+        path = d / "resnet50.pth"
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+        return path, "resnet50", r"cannot be read \(.+\); expected a state dict or checkpoint written by torch\.save"
+    if kind in ("truncated_zip_pth", "truncated_legacy_pth_tar"):
+        path = d / ("resnet50.pth" if kind == "truncated_zip_pth" else "model_best.pth.tar")
+        torch.save({"state_dict": small_state()}, path, _use_new_zipfile_serialization=kind == "truncated_zip_pth")
+        truncated(path)
+        return path, "resnet50", r"cannot be read \(.+\); expected a state dict or checkpoint written by torch\.save"
+    if kind == "random_safetensors":
+        path = d / "resnet50.safetensors"
+        path.write_bytes(np.random.default_rng(1).bytes(4096))
+        return path, "resnet50", r"cannot be read \(.*header too large\); expected a \.safetensors file"
+    if kind == "truncated_safetensors":
+        path = d / "resnet50.safetensors"
+        safetensors.torch.save_file(small_state(), str(path))
+        truncated(path, 0.9)
+        return path, "resnet50", r"cannot be read \(.+\); expected a \.safetensors file"
+    if kind == "random_h5":
+        path = d / "efficientnetb0.h5"
+        path.write_bytes(np.random.default_rng(2).bytes(4096))
+        return path, "efficientnet_b0", r"cannot be read \(.*file signature not found.*\); expected a Keras HDF5"
+    if kind == "empty_h5":
+        path = d / "efficientnetb0.h5"
+        path.write_bytes(b"")
+        return path, "efficientnet_b0", r"is empty \(0 bytes\)"
+    if kind == "wrong_extension":
+        path = d / "resnet50.ckpt"
+        torch.save(small_state(), path)
+        return path, "resnet50", r"resnet50 loads PyTorch state dicts and checkpoints \(\.pth, .*got '.*resnet50\.ckpt'"
+    if kind == "pickled_module":
+        path = d / "resnet50.pth"
+        torch.save(torch.nn.Linear(4, 3), path)
+        return (
+            path,
+            "resnet50",
+            r"holds a pickled model \(torch\.nn\.modules\.linear\.Linear, …\), not a state dict; save torch",
+        )
+    if kind == "pickled_object":
+        path = d / "resnet50.pth"
+        torch.save(argparse.Namespace(lr=0.1), path)
+        return path, "resnet50", r"holds a pickled argparse\.Namespace, not a state dict"
+    if kind == "no_tensors":
+        path = d / "resnet50.pth"
+        torch.save({"epoch": 3, "arch": "resnet50"}, path)
+        return path, "resnet50", r"holds a dict \('epoch', 'arch'\) with no tensors and no 'state_dict' or 'model'"
+    assert kind == "directory"
+    return d, "resnet50", r"is a directory; give the weight file inside it"
+
+
+BAD_FILES = [
+    "empty_pth",
+    "random_pth",
+    "truncated_zip_pth",
+    "truncated_legacy_pth_tar",
+    "random_safetensors",
+    "truncated_safetensors",
+    "random_h5",
+    "empty_h5",
+    "wrong_extension",
+    "pickled_module",
+    "pickled_object",
+    "no_tensors",
+    "directory",
+]
+
+
+@pytest.mark.parametrize("kind", BAD_FILES)
+def test_unreadable_files_get_one_sentence(kind, tmp_path):
+    path, arch, expected = make_bad_file(kind, tmp_path)
+    with pytest.raises(ValueError) as error:
+        pretrained.load_pretrained(str(path), arch)
+    message = str(error.value)
+    assert re.search(expected, message), message
+    assert str(path) in message and "\n" not in message and message.endswith(".")
+    assert type(error.value) is ValueError  # not torch's or pickle's exception types
+
+
+class RunsACommand:
+    """Pickles as a call of subprocess.run: what an unsafe torch.load would execute."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return subprocess.run, (["touch", str(self.marker)],)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_extras_naming_code_load_as_placeholders_and_run_nothing(tmp_path, legacy):
+    """A checkpoint's pickled extras (a would-be subprocess call, numpy scalars, a defaultdict, pickled under
+    Python 2 names) load as inert placeholders: nothing runs, and the tensors load."""
+    marker = tmp_path / "ran"
+    state = {f"layer4.2.bn3.{k}": torch.ones(2048) for k in ("weight", "bias", "running_mean", "running_var")}
+    path = tmp_path / "checkpoint.pth.tar"
+    extras = {"hook": RunsACommand(marker), "best_acc": np.float64(0.9), "history": collections.defaultdict(list)}
+    torch.save({"state_dict": state, **extras}, path, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(ValueError, match=r"tensor '[\w.]+' that resnet50 needs is missing"):
+        pretrained.load_pretrained(str(path), "resnet50")  # read to the mapping: the tensors were loaded
+    assert not marker.exists()
+
+
+def test_blocked_modules_are_refused_in_one_sentence(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": small_state(), "x": SystemCall()}, path)
+    with pytest.raises(
+        ValueError,
+        match=r"cannot be read \(Trying to load unsupported GLOBAL posix\.system whose module posix is blocked\); expected a state dict",
+    ):
+        pretrained.load_pretrained(str(path), "resnet50")
+
+
+class SystemCall:
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
+def test_state_dict_and_model_wrappers(r50, tmp_path):
+    bare = traverse_util.flatten_dict(pretrained.load_pretrained(r50["files"]["pth"], "resnet50"))
+    for key in ("state_dict", "model"):
+        path = str(tmp_path / f"{key}.pth")
+        torch.save({key: r50["state"], "epoch": 90}, path)
+        wrapped = traverse_util.flatten_dict(pretrained.load_pretrained(path, "resnet50"))
+        assert wrapped.keys() == bare.keys()
+        assert all(np.array_equal(wrapped[k], bare[k]) for k in bare)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,7 +429,7 @@ def test_init_from_pretrained_keeps_fresh_head(r50):
 def test_init_from_pretrained_loads_matching_classifier(r50):
     model = create_model("resnet50", num_classes=1000, head="gap", last_stride=1)
     variables, report = pretrained.init_from_pretrained(zero_variables(model), r50["files"]["pth"], "resnet50")
-    assert report.skipped == []
+    assert report.skipped == [] and report.file_last_stride is None  # ImageNet weights serve either stride
     np.testing.assert_array_equal(variables["params"]["classifier"]["kernel"], r50["state"]["fc.weight"].numpy().T)
 
 

@@ -16,7 +16,7 @@ from gcp_jax.pooling import gcp_head_from_config
 
 ARCHS = tuple(EFFICIENTNET_PARAMS) + tuple(RESNET_PARAMS)
 HEADS = ("gap", "gcp")
-BACKBONE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+BACKBONE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}  # float64: with x64
 DEFAULT_DROP_CONNECT = 0.2  # EfficientNet stochastic depth (the reference's)
 
 
