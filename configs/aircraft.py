@@ -2,6 +2,14 @@
 
 python train.py --config configs/aircraft.py --workdir runs/air             # EfficientNet-B5 + SEB
 python train.py --config configs/aircraft.py:resnet50 --workdir runs/air_r50  # ResNet-50 (stride-1 layer4) + SEB
+python train.py --config configs/aircraft.py:isqrt_resnet50 --workdir runs/air_isqrt \
+    --config.model.pretrained=mpncovresnet50-15991845.pth  # fast-MPN-COV's recipe (published 90.0)
+
+:isqrt_resnet50 fine-tunes fast-MPN-COV's ImageNet iSQRT-COV ResNet-50 as its finetune.sh does
+(gcp_jax.config.with_isqrt_finetuning) and evaluates each centre crop with its mirror image (eval_flip).
+Its final evaluation resizes the shorter side to 448 (for an eval_only run as theirs:
+--config.data.resize_mode=shorter --config.data.resize_size=448); here eval keeps this protocol's
+(512, 512) → centre 448, as its training and per-epoch validation do.
 """
 
 from gcp_jax import config as base
@@ -17,4 +25,4 @@ def get_config(variant: str = base.HEADLINE_ARCH):
     c.optim.decay_epochs = (21, 40)
     c.optim.weight_decay = 1e-3
     c.optim.classifier_lr_factor = 5.0
-    return base.with_backbone(c, variant)
+    return base.with_variant(c, variant)

@@ -2,6 +2,13 @@
 
 python train.py --config configs/cars.py --workdir runs/cars             # EfficientNet-B5 + SEB
 python train.py --config configs/cars.py:resnet50 --workdir runs/cars_r50  # ResNet-50 (stride-1 layer4) + SEB
+python train.py --config configs/cars.py:isqrt_resnet50 --workdir runs/cars_isqrt \
+    --config.model.pretrained=mpncovresnet50-15991845.pth  # fast-MPN-COV's recipe (published 92.8)
+
+:isqrt_resnet50 fine-tunes fast-MPN-COV's ImageNet iSQRT-COV ResNet-50 as its finetune.sh does
+(gcp_jax.config.with_isqrt_finetuning) and evaluates each centre crop with its mirror image (eval_flip).
+Its evaluation resizes the shorter side to 448 and takes the centre 448 (for an eval_only run as
+theirs: --config.data.resize_mode=shorter); here eval keeps this protocol's (448, 448), as its training does.
 """
 
 from gcp_jax import config as base
@@ -17,4 +24,4 @@ def get_config(variant: str = base.HEADLINE_ARCH):
     c.optim.decay_epochs = (50, 100)
     c.optim.weight_decay = 1e-4
     c.optim.classifier_lr_factor = 10.0
-    return base.with_backbone(c, variant)
+    return base.with_variant(c, variant)

@@ -2,6 +2,12 @@
 
 python train.py --config configs/cub.py --workdir runs/cub             # EfficientNet-B5 + SEB
 python train.py --config configs/cub.py:resnet50 --workdir runs/cub_r50  # ResNet-50 (stride-1 layer4) + SEB
+python train.py --config configs/cub.py:isqrt_resnet50 --workdir runs/cub_isqrt \
+    --config.model.pretrained=mpncovresnet50-15991845.pth  # fast-MPN-COV's recipe (published 88.1)
+
+:isqrt_resnet50 fine-tunes fast-MPN-COV's ImageNet iSQRT-COV ResNet-50 as its finetune.sh does
+(gcp_jax.config.with_isqrt_finetuning) and evaluates each centre crop with its mirror image (eval_flip).
+Its resize/crop is this protocol's (shorter side 448, centre 448), its final evaluation's included.
 """
 
 from gcp_jax import config as base
@@ -17,4 +23,4 @@ def get_config(variant: str = base.HEADLINE_ARCH):
     c.optim.decay_epochs = (50, 100)
     c.optim.weight_decay = 1e-4
     c.optim.classifier_lr_factor = 20.0
-    return base.with_backbone(c, variant)
+    return base.with_variant(c, variant)

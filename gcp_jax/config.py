@@ -18,6 +18,7 @@ from ml_collections import config_dict
 from gcp_jax import checks, linalg, models, optim, pooling
 
 HEADLINE_ARCH = "efficientnet_b5"  # backbone of the protocol configs; "resnet50" is the other variant
+ISQRT_VARIANT = "isqrt_resnet50"  # Aircraft/CUB/Cars variant: fast-MPN-COV's fine-tuning of mpncovresnet50
 RESIZE_MODES = ("shorter", "square")
 ON_CORRUPT = ("skip", "fail")
 
@@ -40,7 +41,8 @@ def get_config() -> config_dict.ConfigDict:
     c.eval_every_epochs = 1  # Evaluate on the whole eval split every N epochs (and at the end); 0 = end only.
     c.checkpoint_every_steps = 1000  # Periodic checkpoint every N steps (also after each eval and at the end); 0 = off.
     c.keep_checkpoints = 2  # Latest checkpoints kept for resuming, besides the best-by-eval one.
-    c.eval_only = False  # Evaluate the latest checkpoint in --workdir and exit (no training).
+    c.eval_only = False  # Evaluate the latest checkpoint in --workdir (if none: model.pretrained as loaded) and exit.
+    c.eval_flip = False  # Eval also on the mirrored images, averaging the two logits; records both accuracies.
     c.spectrum_every_steps = 500  # Spectrum summary of the train batch to TensorBoard every N steps; 0 = off.
     c.max_nonfinite_steps = 20  # Steps with a non-finite loss/gradient are skipped; more than this stops the run.
 
@@ -48,7 +50,7 @@ def get_config() -> config_dict.ConfigDict:
     c.model = config_dict.ConfigDict()
     c.model.arch = HEADLINE_ARCH  # efficientnet_b0..b7, resnet50, resnet101 (resnet_tiny: demo/tests).
     c.model.head = "gcp"  # "gcp" (covariance head, see gcp.*) or "gap" (global average pooling baseline).
-    c.model.pretrained = ""  # ImageNet weights file (Keras .h5, torchvision .pth/.safetensors); "" = random init.
+    c.model.pretrained = ""  # Weight file: Keras, torchvision, fast-MPN-COV or DifferentiableSVD (README); "" = random.
     c.model.dtype = "float32"  # Backbone compute dtype: "float32", "bfloat16" or "float64" (the head uses gcp.dtype).
     c.model.dropout_rate = config_dict.placeholder(float)  # Dropout before the classifier; None = the arch's (B5 0.4).
     c.model.drop_connect_rate = config_dict.placeholder(float)  # EfficientNet stochastic depth; None = 0.2 (ResNet: 0).
@@ -118,6 +120,37 @@ def with_backbone(config: config_dict.ConfigDict, arch: str) -> config_dict.Conf
     """
     config.model.arch = arch
     config.model.last_stride = 1 if arch.startswith("resnet") else 2
+    return config
+
+
+def with_variant(config: config_dict.ConfigDict, variant: str) -> config_dict.ConfigDict:
+    """`config` with a protocol file's `:variant`: ISQRT_VARIANT (`with_isqrt_finetuning`) or a backbone arch."""
+    return with_isqrt_finetuning(config) if variant == ISQRT_VARIANT else with_backbone(config, variant)
+
+
+def with_isqrt_finetuning(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """`config` with fast-MPN-COV's recipe for fine-tuning its ImageNet `mpncovresnet50` (`:isqrt_resnet50`).
+
+    The model of the model-zoo file (ResNet-50, layer4 at stride 1, 256-d reduction, iSQRT-COV with
+    5 Newton-Schulz iterations, no dropout) and the optimiser of its finetune.sh and main.py: batch 10,
+    100 epochs, SGD lr 1.2e-3 with momentum 0.9, the one step at epoch 100 (never reached), weight decay
+    1e-3 on all parameters, classifier lr x5, no gradient clipping. Eval averages each centre crop's
+    logits with its mirror image's. The data transforms stay the protocol's.
+    """
+    config = with_backbone(config, "resnet50")
+    config.model.head, config.model.dropout_rate = "gcp", 0.0
+    config.gcp.update(dim=256, norm="isqrt", isqrt_iters=5, dtype="float32")
+    config.batch_size, config.num_epochs, config.eval_flip = 10, 100, True
+    config.optim.update(
+        learning_rate=1.2e-3,
+        momentum=0.9,
+        schedule="step",
+        decay_epochs=(100,),
+        weight_decay=1e-3,
+        classifier_lr_factor=5.0,
+        grad_clip_norm=0.0,
+        warmup_epochs=0.0,
+    )
     return config
 
 

@@ -52,12 +52,21 @@ def log(message: str) -> None:
     LOGGER.info(message)
 
 
+FLIP = "_flip"  # suffix of the eval metrics of the flip-averaged logits (config.eval_flip): top1_flip, ...
+
+
 def describe_eval(m: Mapping[str, Any]) -> str:
-    """One line of eval metrics: top-1, top-5, mean per-class accuracy, loss and image count."""
-    return (
-        f"top1 {m['top1']:.4f} top5 {m['top5']:.4f} mean-class {m['mean_class_acc']:.4f} "
-        f"loss {m['loss']:.4f} ({m['count']} images)"
-    )
+    """One line of eval metrics: top-1, top-5, mean per-class accuracy, loss and image count; with the
+    flip-averaged ones (`top1_flip`, … of eval_flip) after the single-crop ones when present."""
+
+    def accuracies(suffix):
+        return (
+            f"top1 {m['top1' + suffix]:.4f} top5 {m['top5' + suffix]:.4f} "
+            f"mean-class {m['mean_class_acc' + suffix]:.4f} loss {m['loss' + suffix]:.4f}"
+        )
+
+    flip = f"; crop+flip {accuracies(FLIP)}" if "top1" + FLIP in m else ""
+    return f"{accuracies('')}{flip} ({m['count']} images)"
 
 
 def _plain(value: Any) -> Any:

@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax
 import jax
@@ -30,6 +30,9 @@ from gcp_jax import checkpoint as ckpt_lib
 from gcp_jax import config as config_lib
 from gcp_jax import data, models, optim, sharding, spectrum
 from gcp_jax import metrics as metrics_lib
+
+if TYPE_CHECKING:
+    from gcp_jax.pretrained import PretrainedReport
 
 CONFIG_FILE = "config.json"
 
@@ -60,7 +63,7 @@ class RunResult:
     preempted: bool  # stopped by a signal before the last step
     state: TrainState
     workdir: str
-    checkpoints: str  # the checkpoint directory
+    checkpoints: str  # the checkpoint directory ("" when a weight file was evaluated: evaluate_weights)
 
 
 def configure_jax(config: ConfigDict) -> None:
@@ -165,42 +168,62 @@ def make_train_step(
     return jax.jit(step, in_shardings=(repl, batch_sh), out_shardings=(repl, repl), donate_argnums=0)
 
 
-def eval_totals(num_classes: int, mesh) -> dict[str, jax.Array]:
-    """Zero accumulators for `make_eval_step`."""
-    zeros = {
-        "count": np.zeros((), np.int32),
-        "loss": np.zeros((), np.float32),
-        "top1": np.zeros((), np.int32),
-        "top5": np.zeros((), np.int32),
-        "class_count": np.zeros((num_classes,), np.int32),
-        "class_correct": np.zeros((num_classes,), np.int32),
-    }
+FLIP = metrics_lib.FLIP  # suffix of the totals and metrics of the flip-averaged logits (eval_flip)
+
+
+def eval_totals(num_classes: int, mesh, *, flip: bool = False) -> dict[str, jax.Array]:
+    """Zero accumulators for `make_eval_step` (with `flip`: also those of the flip-averaged logits)."""
+
+    def view():
+        return {
+            "loss": np.zeros((), np.float32),
+            "top1": np.zeros((), np.int32),
+            "top5": np.zeros((), np.int32),
+            "class_correct": np.zeros((num_classes,), np.int32),
+        }
+
+    zeros = {"count": np.zeros((), np.int32), "class_count": np.zeros((num_classes,), np.int32), **view()}
+    if flip:
+        zeros.update({name + FLIP: value for name, value in view().items()})
     return sharding.replicate(zeros, mesh)
 
 
-def make_eval_step(model, num_classes: int, mesh) -> Callable[[TrainState, dict, dict], dict]:
+def _view_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array, num_classes: int) -> dict[str, jax.Array]:
+    """One view's sums over the examples whose mask is True: loss, top-1 and top-5 hits, hits per class."""
+    maski = mask.astype(jnp.int32)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.int32) * maski
+    top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
+    return {
+        "loss": jnp.sum(jnp.where(mask, cross_entropy(logits, labels), 0.0)),
+        "top1": jnp.sum(correct),
+        "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1).astype(jnp.int32) * maski),
+        "class_correct": jnp.sum(jax.nn.one_hot(labels, num_classes, dtype=jnp.int32) * correct[:, None], 0),
+    }
+
+
+def make_eval_step(model, num_classes: int, mesh, *, flip: bool = False) -> Callable[[TrainState, dict, dict], dict]:
     """jit(state, batch, totals) -> totals: sums over the examples whose batch["mask"] is True.
 
     Padded examples (mask False) count nowhere, so totals over a padded eval split count every
-    example exactly once. The totals are donated.
+    example exactly once. With `flip`, the model also sees each image mirrored left-right, and the
+    `*_flip` totals are those of the mean of the two views' logits (fast-MPN-COV's CenterCropWithFlip
+    evaluation); the others stay the single view's. The totals are donated.
     """
-    k = min(5, num_classes)
 
     def step(state: TrainState, batch, totals):
-        logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
-        labels, mask = batch["label"], batch["mask"]
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        images, labels, mask = batch["image"], batch["label"], batch["mask"]
+        logits = model.apply(variables, images, train=False)
         maski = mask.astype(jnp.int32)
-        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.int32) * maski
-        in_top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1).astype(jnp.int32) * maski
-        onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.int32) * maski[:, None]
         batch_totals = {
             "count": jnp.sum(maski),
-            "loss": jnp.sum(jnp.where(mask, cross_entropy(logits, labels), 0.0)),
-            "top1": jnp.sum(correct),
-            "top5": jnp.sum(in_top5),
-            "class_count": jnp.sum(onehot, 0),
-            "class_correct": jnp.sum(onehot * correct[:, None], 0),
+            "class_count": jnp.sum(jax.nn.one_hot(labels, num_classes, dtype=jnp.int32) * maski[:, None], 0),
+            **_view_sums(logits, labels, mask, num_classes),
         }
+        if flip:
+            mirrored = model.apply(variables, jnp.flip(images, axis=2), train=False)  # NHWC: W is axis 2
+            averaged = _view_sums(0.5 * (logits + mirrored), labels, mask, num_classes)
+            batch_totals.update({name + FLIP: value for name, value in averaged.items()})
         return jax.tree.map(jnp.add, totals, batch_totals)
 
     repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
@@ -208,25 +231,38 @@ def make_eval_step(model, num_classes: int, mesh) -> Callable[[TrainState, dict,
 
 
 def summarize_eval(totals: Mapping[str, Any]) -> dict[str, float]:
-    """Accuracies from eval totals: top1, top5, mean per-class accuracy (classes present), loss."""
+    """Accuracies from eval totals: top1, top5, mean per-class accuracy (classes present), loss, count;
+    the same with the suffix `_flip` for the flip-averaged logits when the totals have them."""
     t = jax.device_get(totals)
     count = max(int(t["count"]), 1)
     present = t["class_count"] > 0
-    per_class = t["class_correct"][present] / t["class_count"][present]
-    return {
-        "loss": float(t["loss"]) / count,
-        "top1": int(t["top1"]) / count,
-        "top5": int(t["top5"]) / count,
-        "mean_class_acc": float(per_class.mean()) if per_class.size else 0.0,
-        "count": int(t["count"]),
-    }
+    metrics = {}
+    for suffix in ("", FLIP) if "top1" + FLIP in t else ("",):
+        per_class = t["class_correct" + suffix][present] / t["class_count"][present]
+        metrics.update(
+            {
+                "loss" + suffix: float(t["loss" + suffix]) / count,
+                "top1" + suffix: int(t["top1" + suffix]) / count,
+                "top5" + suffix: int(t["top5" + suffix]) / count,
+                "mean_class_acc" + suffix: float(per_class.mean()) if per_class.size else 0.0,
+            }
+        )
+    metrics["count"] = int(t["count"])
+    return metrics
 
 
 def evaluate(
-    eval_step, state: TrainState, batches: Iterable[Mapping[str, np.ndarray]], num_classes: int, mesh
+    eval_step,
+    state: TrainState,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    num_classes: int,
+    mesh,
+    *,
+    flip: bool = False,
 ) -> dict[str, float]:
-    """Eval metrics over host-local batches {"image", "label", "mask"} (the whole split)."""
-    totals = eval_totals(num_classes, mesh)
+    """Eval metrics over host-local batches {"image", "label", "mask"} (the whole split); `flip` as the
+    eval step was made."""
+    totals = eval_totals(num_classes, mesh, flip=flip)
     for local in batches:
         totals = eval_step(state, sharding.global_batch(local, mesh), totals)
     return summarize_eval(totals)
@@ -256,7 +292,7 @@ class Run:
         self.schedule = optim.learning_rate_schedule(config.optim, self.steps_per_epoch, self.total_steps)
         self.tx = optim.make_optimizer(config.optim, self.schedule)
         self.train_step = make_train_step(self.model, self.tx, self.mesh, config.seed)
-        self.eval_step = make_eval_step(self.model, self.num_classes, self.mesh)
+        self.eval_step = make_eval_step(self.model, self.num_classes, self.mesh, flip=config.eval_flip)
         self._eigenvalues = jax.jit(
             lambda v, x: spectrum.eigenvalues(self.model, v, x), out_shardings=sharding.replicated(self.mesh)
         )
@@ -271,6 +307,8 @@ class Run:
                 jax.device_get(variables), self.config.model.pretrained, self.config.model.arch
             )
             metrics_lib.log(f"pretrained: {report}")
+            if mismatch := last_stride_mismatch(report, self.config.model.last_stride):
+                metrics_lib.log(f"warning: {mismatch}")
             variables = sharding.replicate(loaded, self.mesh)
         else:
             metrics_lib.log(
@@ -299,7 +337,7 @@ class Run:
         batches = data.eval_batches(
             self.config.data, batch_size=local, process_index=jax.process_index(), process_count=jax.process_count()
         )
-        return evaluate(self.eval_step, state, batches, self.num_classes, self.mesh)
+        return evaluate(self.eval_step, state, batches, self.num_classes, self.mesh, flip=self.config.eval_flip)
 
     def train_batches(self, start_step: int):
         local = sharding.local_batch_size(self.config.batch_size, self.mesh)
@@ -478,6 +516,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, mesh=None) -> RunRes
 
 def evaluate_checkpoint(config: ConfigDict, workdir: str, *, mesh=None) -> RunResult:
     """Evaluate the latest checkpoint of workdir on the eval split (config.eval_only)."""
+    if config.model.pretrained and not has_checkpoint(workdir):  # none: the weight file as loaded
+        return evaluate_weights(config, workdir, mesh=mesh)
     metrics_lib.setup_logging()
     config_lib.validate(config)
     run = Run(config, mesh)
@@ -497,4 +537,93 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str, *, mesh=None) -> RunRe
         state=state,
         workdir=os.path.abspath(workdir),
         checkpoints=os.path.join(os.path.abspath(workdir), ckpt_lib.CHECKPOINT_DIR),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Evaluating a weight file (eval_only without a checkpoint)
+
+
+def has_checkpoint(workdir: str) -> bool:
+    """Whether workdir holds a checkpoint (without creating its checkpoint directory)."""
+    if not os.path.isdir(os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)):
+        return False
+    checkpoints = ckpt_lib.Checkpoints(workdir, use_async=False)
+    try:
+        return checkpoints.latest_step() is not None
+    finally:
+        checkpoints.close()
+
+
+def last_stride_mismatch(report: PretrainedReport, last_stride: int) -> str:
+    """One sentence when the file's model ran layer4 at another stride than `last_stride`, else ""."""
+    trained = report.file_last_stride
+    if trained is None or trained == last_stride:
+        return ""
+    return (
+        f"The model in {report.path} ({report.file_arch}) ran layer4 at stride {trained}, and model.last_stride is "
+        f"{last_stride}; set --config.model.last_stride={trained} to run it as it was trained."
+    )
+
+
+def fresh_modules_problem(report: PretrainedReport, num_classes: int) -> str:
+    """One sentence when the file left modules of the model at their random init, naming them and what
+    of the file did not fit (report.unused), else ""."""
+    fresh = list(dict.fromkeys("/".join(leaf.split("/")[1:-1]) for leaf in report.skipped))
+    if not fresh:
+        return ""
+    misfits = {}
+    for entry in report.unused:  # "params/classifier/kernel: (32896, 200) in the file, (32896, 100) in the model"
+        leaf, _, why = entry.partition(": ")
+        misfits.setdefault("/".join(leaf.split("/")[1:-1]), f"{'/'.join(leaf.split('/')[1:])} is {why}")
+    details = "; ".join(misfits.get(module, f"{module} is not in the file") for module in fresh)
+    classes = f"; the data set has {num_classes} classes" if "classifier" in fresh else ""
+    return (
+        f"{report.path} cannot be evaluated as loaded: {', '.join(fresh)} would keep a random init ({details}"
+        f"{classes}); build the model the file holds (model.arch, model.head, gcp.*, the data set it was "
+        "trained on), or fine-tune from it without eval_only."
+    )
+
+
+def evaluate_weights(config: ConfigDict, workdir: str, *, mesh=None) -> RunResult:
+    """Evaluate the config.model.pretrained weight file as loaded, on the eval split (eval_only when
+    workdir holds no checkpoint: a released FGVC checkpoint against the real test split).
+
+    The file must fill the whole model (backbone, GCP reduction, classifier) and the config must run it
+    at the stride it was trained with; else ValueError saying what to set. The record, with
+    "pretrained": path, is appended to workdir/metrics.jsonl at step 0; no checkpoint is saved.
+    """
+    from gcp_jax import pretrained
+
+    metrics_lib.setup_logging()
+    config_lib.validate(config)
+    path = config.model.pretrained
+    if not path:
+        raise ValueError("Nothing to evaluate: set --config.model.pretrained to a weight file, or train first.")
+    run = Run(config, mesh)
+    template = run.abstract_state()  # shapes only: every leaf must come from the file
+    abstract = {"params": template.params, "batch_stats": template.batch_stats}
+    loaded, report = pretrained.init_from_pretrained(abstract, path, config.model.arch)
+    problems = [
+        fresh_modules_problem(report, run.num_classes),
+        last_stride_mismatch(report, config.model.last_stride),
+    ]
+    if any(problems):
+        raise ValueError(" ".join(p for p in problems if p))
+    metrics_lib.log(f"pretrained: {report}")
+    state = create_train_state(sharding.replicate(loaded, run.mesh), run.tx, run.mesh)
+    result = run.evaluate(state)
+    writer = metrics_lib.MetricsWriter(workdir, start_step=None)
+    writer.write(0, f"{config.data.eval_split}_eval_only", {**result, "pretrained": path})
+    writer.close()
+    metrics_lib.log(f"evaluated {path} as loaded (no checkpoint in {workdir}): {metrics_lib.describe_eval(result)}")
+    return RunResult(
+        step=0,
+        final=result,
+        best_top1=-1.0,
+        best_step=-1,
+        preempted=False,
+        state=state,
+        workdir=os.path.abspath(workdir),
+        checkpoints="",
     )

@@ -48,6 +48,21 @@ def test_protocol_values():
     assert (cub.data.resize_mode, cub.data.resize_size) == ("shorter", 448)
 
 
+@pytest.mark.parametrize("name", ["aircraft", "cub", "cars"])
+def test_isqrt_resnet50_is_fast_mpn_cov_finetuning_recipe(name):
+    """`:isqrt_resnet50`: fast-MPN-COV's finetune.sh for mpncovresnet50, on the protocol's data transforms."""
+    config, protocol = load(name, "isqrt_resnet50"), load(name)
+    config_lib.validate(config, num_devices=1)
+    m, g, o = config.model, config.gcp, config.optim
+    assert (m.arch, m.last_stride, m.head, m.dropout_rate) == ("resnet50", 1, "gcp", 0.0)
+    assert (g.dim, g.norm, g.isqrt_iters, g.dtype) == (256, "isqrt", 5, "float32")
+    assert (config.batch_size, config.num_epochs, config.eval_flip) == (10, 100, True)
+    assert (o.learning_rate, o.momentum, o.schedule, tuple(o.decay_epochs)) == (1.2e-3, 0.9, "step", (100,))
+    assert (o.weight_decay, o.classifier_lr_factor, o.grad_clip_norm, o.warmup_epochs) == (1e-3, 5.0, 0.0, 0.0)
+    assert config.data.to_dict() == protocol.data.to_dict()
+    assert not protocol.eval_flip
+
+
 def test_defaults_are_valid_and_every_field_is_documented_once():
     """gcp_jax/config.py assigns each field once, with a comment: `c.<field> = ...  # ...` (`d.` for data)."""
     config_lib.validate(config_lib.get_config(), num_devices=1)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gcp_jax import config, optim, sharding, training
+from gcp_jax import config, metrics, optim, sharding, training
 
 
 class Tiny(nn.Module):
@@ -46,6 +46,21 @@ def batches(n, size=8, classes=5, seed=0):
         }
         for _ in range(n)
     ]
+
+
+def eval_split(images, labels, batch=16):
+    """Host batches of an eval split, the last one padded (mask False)."""
+    split = []
+    for i in range(0, len(labels), batch):
+        pad = batch - len(labels[i : i + batch])
+        split.append(
+            {
+                "image": np.pad(images[i : i + batch], ((0, pad), (0, 0), (0, 0), (0, 0))),
+                "label": np.pad(labels[i : i + batch], (0, pad)),
+                "mask": np.arange(batch) < batch - pad,
+            }
+        )
+    return split
 
 
 def test_optimizer_matches_pytorch_recipe():
@@ -137,19 +152,10 @@ def test_eval_counts_every_example_once():
     mesh = sharding.make_mesh()
     model, _, state = tiny_setup(mesh, num_classes=5)
     rng = np.random.default_rng(1)
-    n, b = 37, 16
+    n = 37
     images = rng.normal(size=(n, 16, 16, 3)).astype(np.float32)
     labels = rng.integers(0, 5, n).astype(np.int32)
-    split = []
-    for i in range(0, n, b):
-        pad = b - len(labels[i : i + b])
-        split.append(
-            {
-                "image": np.pad(images[i : i + b], ((0, pad), (0, 0), (0, 0), (0, 0))),
-                "label": np.pad(labels[i : i + b], (0, pad)),
-                "mask": np.arange(b) < b - pad,
-            }
-        )
+    split = eval_split(images, labels)
     result = training.evaluate(training.make_eval_step(model, 5, mesh), state, split, 5, mesh)
     logits = np.asarray(model.apply({"params": state.params, "batch_stats": state.batch_stats}, images))
     correct = logits.argmax(-1) == labels
@@ -158,3 +164,56 @@ def test_eval_counts_every_example_once():
     assert result["top1"] == pytest.approx(correct.mean())
     assert result["top5"] == 1.0  # 5 classes
     assert result["mean_class_acc"] == pytest.approx(np.mean(per_class))
+
+
+@pytest.fixture(scope="module")
+def flip_eval():
+    """evaluate(images, labels) with one jitted eval_flip step of the tiny model (compiled once), and the
+    tiny model's apply."""
+    mesh = sharding.make_mesh()
+    model, _, state = tiny_setup(mesh)
+    step = training.make_eval_step(model, 5, mesh, flip=True)
+
+    def evaluate(images, labels):
+        return training.evaluate(step, state, eval_split(images, labels), 5, mesh, flip=True)
+
+    def apply(images):
+        return np.asarray(model.apply({"params": state.params, "batch_stats": state.batch_stats}, images), np.float64)
+
+    return evaluate, apply
+
+
+def test_eval_flip_averages_the_logits_of_the_image_and_its_mirror(flip_eval):
+    """top1_flip, loss_flip, … are those of 0.5 * (logits(x) + logits(x mirrored left-right)); top1, … stay
+    the single crop's, from the same pass."""
+    evaluate, apply = flip_eval
+    rng = np.random.default_rng(2)
+    images = rng.normal(size=(37, 16, 16, 3)).astype(np.float32)
+    labels = rng.integers(0, 5, 37).astype(np.int32)
+    result = evaluate(images, labels)
+
+    def loss(z):
+        z = z - z.max(-1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(-1)) - z[np.arange(len(labels)), labels]))
+
+    single, averaged = apply(images), 0.5 * (apply(images) + apply(images[:, :, ::-1]))
+    assert result["loss"] == pytest.approx(loss(single), rel=1e-5)
+    assert result["top1"] == pytest.approx(np.mean(single.argmax(-1) == labels))
+    assert result["loss_flip"] == pytest.approx(loss(averaged), rel=1e-5)
+    assert abs(loss(averaged) - loss(single)) > 1e-3  # the mirror image changes the logits
+    assert result["top1_flip"] == pytest.approx(np.mean(averaged.argmax(-1) == labels))
+    assert result["top5_flip"] == 1.0 and 0 <= result["mean_class_acc_flip"] <= 1 and result["count"] == 37
+    line = metrics.describe_eval(result)
+    assert f"top1 {result['top1']:.4f}" in line and f"crop+flip top1 {result['top1_flip']:.4f}" in line
+
+
+def test_eval_flip_changes_nothing_on_mirror_symmetric_images(flip_eval):
+    """Images symmetric left-right (but not top-bottom): both views are the same image, so the numbers agree."""
+    evaluate, _ = flip_eval
+    rng = np.random.default_rng(3)
+    half = rng.normal(size=(21, 16, 8, 3)).astype(np.float32)
+    images = np.concatenate([half, half[:, :, ::-1]], axis=2)
+    labels = rng.integers(0, 5, 21).astype(np.int32)
+    result = evaluate(images, labels)
+    for name in ("loss", "top1", "top5", "mean_class_acc"):
+        assert result[name + "_flip"] == result[name], name
