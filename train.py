@@ -116,8 +116,9 @@ def summary(result) -> str:
     lines += [
         f"metrics:     {os.path.join(result.workdir, 'metrics.jsonl')}",
         f"TensorBoard: tensorboard --logdir {os.path.join(result.workdir, 'tensorboard')}",
-        f"checkpoints: {result.checkpoints}  (config: {os.path.join(result.workdir, 'config.json')})",
     ]
+    if result.checkpoints:  # none when a weight file was evaluated as loaded
+        lines.append(f"checkpoints: {result.checkpoints}  (config: {os.path.join(result.workdir, 'config.json')})")
     return "\n".join(lines)
 
 
