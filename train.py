@@ -1,17 +1,20 @@
 """Train (or evaluate) a GCP classifier.
 
-  python train.py                                            # the demo: configs/demo.py, a few minutes on a CPU
+  python train.py                                            # the demo: configs/demo.py in runs/demo, ~2 min on 2 cores
   python train.py --config configs/aircraft.py --workdir runs/air
   python train.py --config configs/cub.py:resnet50 --workdir runs/cub_r50 --config.gcp.grad=pade
   python train.py --config configs/aircraft.py --workdir runs/air --config.eval_only=True
 
-Any config field can be overridden with --config.<field>=<value> (fields: gcp_jax/config.py).
+Any config field can be overridden with --config.<field>=<value> (fields: gcp_jax/config.py);
+unknown fields and values of the wrong type or impossible ones are reported together, one line
+each, before anything runs. Give every run its own --workdir: a run resumes from what it finds there.
 Multi-host (TPU pod, GPU cluster): run the same command on every host; give --coordinator_address,
 --num_processes and --process_id (or the JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
 JAX_PROCESS_ID environment variables), or --distributed to let JAX detect the cluster.
 """
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -25,10 +28,15 @@ def _env_int(name: str) -> int | None:
     return int(value) if value else None
 
 
+_DEMO_CONFIG = os.path.join(_HERE, "configs", "demo.py")
+# The command line ml_collections reads the --config.<field> overrides from (parse_flags fills it).
+_COMMAND_LINE: list[str] = []
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
-    os.path.join(_HERE, "configs", "demo.py"),
-    "Config file with a get_config(); `file.py:arg` passes arg (e.g. configs/aircraft.py:resnet50).",
+    None,  # parse_flags adds --config=configs/demo.py when absent: a default here would be loaded at import
+    "Config file with a get_config() (default configs/demo.py); `file.py:arg` passes arg "
+    "(e.g. configs/aircraft.py:resnet50).",
+    sys_argv=_COMMAND_LINE,
 )
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: checkpoints, metrics, config.json. Default: runs/<config name>."
@@ -55,26 +63,97 @@ def default_workdir(config_path: str) -> str:
     return os.path.join("runs", f"{name}_{arg}" if arg else name)
 
 
+_OVERRIDE = re.compile(r"-{1,2}(no)?config\.")  # how ml_collections tells a --config.<field> override
+_CONFIG_FLAG = re.compile(r"-{1,2}config(=|$)")
+
+
 def parse_flags(argv):
-    """absl flag parsing, with one-line errors for a missing config file or an unknown field."""
+    """absl flag parsing; a config mistake exits with every problem listed, one sentence each, no traceback."""
+    argv = argv[:1] + flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
+    if not any(_CONFIG_FLAG.match(arg) for arg in argv):
+        argv.insert(1, f"--config={_DEMO_CONFIG}")
     try:
-        rest = flags.FLAGS(argv)
-        _CONFIG.value.keys()  # the config file is loaded lazily: its errors surface here
-        return rest
+        rest, message = _parse(argv)
     except flags.Error as e:
         message = str(e)
-    except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the config lacks
-        while isinstance(e, (AttributeError, KeyError)) and e.args and isinstance(e.args[0], BaseException):
-            e = e.args[0]
-        message = (
-            f"unknown config field {str(e.args[0] if e.args else e).strip(chr(34))} in the --config.* "
-            "overrides; every field is listed in gcp_jax/config.py."
-        )
+        if ": Error whilst parsing config file" in message:  # get_config() raised; the last line says what
+            head = message.split(": Error whilst parsing config file", 1)[0]
+            message = f"{head}: get_config() raised {message.strip().splitlines()[-1]}"
+        message = " ".join(message.split())
     except OSError as e:  # the config file could not be loaded
         reason = str(e).strip().splitlines()[-1].strip()
         message = f"cannot load the config file given by --config ({reason}); give --config path/to/config.py."
-    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    if not message:
+        return rest
+    print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def _parse(argv):
+    """(the arguments absl leaves, a message listing every problem of the --config.<field> overrides, or "").
+
+    The config file is loaded first without the overrides, so that every unknown field is found
+    (ml_collections would stop at the first, with a traceback); then the known ones are parsed, and
+    when anything was wrong, the resulting values are checked too.
+    """
+    from gcp_jax import config as config_lib  # not at the top: the CPU tuning comes before JAX
+
+    _COMMAND_LINE[:] = [arg for arg in argv if not _OVERRIDE.match(arg)]
+    flags.FLAGS(list(_COMMAND_LINE), known_only=True)
+    base = _CONFIG.value
+    base.keys()  # a config file that failed to load raises here
+    unknown = config_lib.unknown_overrides(base, [_field(arg) for arg in argv if _OVERRIDE.match(arg)])
+
+    def is_switch(field):
+        return field not in unknown and config_lib.field_type(base, field) is bool
+
+    others, overrides = _split_overrides(argv, is_switch)
+    rest, unreadable = _parse_overrides(others, [(f, v) for f, v in overrides if f not in unknown])
+    problems = list(unknown.values()) + [config_lib.unreadable_override(base, f, v) for f, v in unreadable]
+    if problems:
+        problems += config_lib.value_problems(_CONFIG.value, num_devices=1)  # the devices are not known yet
+    return rest, config_lib.describe(problems) if problems else ""
+
+
+def _parse_overrides(others, overrides):
+    """absl parsing of `others` and the (field, value) overrides: (the arguments it leaves, the
+    overrides whose value the field's type cannot read, which are left out)."""
+    unreadable = []
+    while True:
+        _COMMAND_LINE[:] = [*others, *(f"--config.{field}={value}" for field, value in overrides)]
+        try:
+            return flags.FLAGS(list(_COMMAND_LINE)), unreadable
+        except flags.IllegalFlagValueError as e:
+            bad = [(field, value) for field, value in overrides if str(e).startswith(f"flag --config.{field}=")]
+            if not bad:
+                raise
+            unreadable.append(bad[-1])
+            overrides = [(field, value) for field, value in overrides if field != bad[-1][0]]
+            for name in [name for name in flags.FLAGS if name.startswith("config.")]:
+                delattr(flags.FLAGS, name)  # ml_collections defines them again on the next parse
+
+
+def _field(arg: str) -> str:
+    """The dotted field of an override: `--config.optim.learning_rate=0.1` → `optim.learning_rate`."""
+    return arg.partition("=")[0].split(".", 1)[1]
+
+
+def _split_overrides(argv, is_switch):
+    """(the other arguments, [(field, value)] of the --config.<field> overrides in order, values as strings).
+
+    `--config.f v` gives ("f", "v"), except for a field where `is_switch(f)` (a bool): `--config.f`
+    gives ("f", "True") and `--noconfig.f` ("f", "False").
+    """
+    others, overrides, args = [], [], iter(argv)
+    for arg in args:
+        if not _OVERRIDE.match(arg):
+            others.append(arg)
+            continue
+        field, (name, equals, value) = _field(arg), arg.partition("=")
+        if not equals:
+            value = str(not name.lstrip("-").startswith("no")) if is_switch(field) else next(args, "")
+        overrides.append((field, value))
+    return others, overrides
 
 
 def main(argv):

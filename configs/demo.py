@@ -1,4 +1,4 @@
-"""The demo: a generated fine-grained data set, a tiny ResNet with the SEB head, a few CPU minutes.
+"""The demo: a generated fine-grained data set, a tiny ResNet with the SEB head, ~2 min on 2 CPU cores.
 
   python train.py                       # same as --config configs/demo.py --workdir runs/demo
 

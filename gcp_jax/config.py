@@ -8,9 +8,11 @@ The GCP head's defaults are `gcp_jax.linalg.SpectralOptions`' and `gcp_jax.pooli
 
 from __future__ import annotations
 
+import functools
 import numbers
 import os
-from collections.abc import Mapping
+import shlex
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ml_collections import config_dict
@@ -226,7 +228,7 @@ def _optim_problems(o) -> list[str]:
         if not ok:
             problems.append(f"{name} {rule}, got {o[name]!r}.")
     epochs = list(o.decay_epochs)
-    if not (all(e >= 0 for e in epochs) and epochs == sorted(epochs)):
+    if not (all(isinstance(e, numbers.Real) and e >= 0 for e in epochs) and epochs == sorted(epochs)):
         problems.append(f"decay_epochs must be increasing epoch numbers, got {tuple(epochs)}.")
     return [f"optim.{p}" for p in problems]
 
@@ -255,21 +257,31 @@ def validate(config: config_dict.ConfigDict, *, num_devices: int | None = None) 
         import jax
 
         num_devices = jax.device_count()
-    problems = (
+    _raise(value_problems(config, num_devices=num_devices))
+
+
+def value_problems(config: config_dict.ConfigDict, *, num_devices: int) -> list[str]:
+    """Every impossible value of `config`, one sentence each, named `config.<field>`."""
+    found = (
         _run_problems(config, num_devices)
         + _model_problems(config.model)
         + _gcp_problems(config.gcp)
         + _optim_problems(config.optim)
         + data_problems(config.data)
     )
-    _raise(["config." + p for p in problems])
+    return ["config." + p for p in found]
 
 
 def _raise(problems: list[str]) -> None:
-    if len(problems) == 1:
-        raise ConfigError(problems[0])
     if problems:
-        raise ConfigError(f"{len(problems)} problems in the config:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ConfigError(describe(problems))
+
+
+def describe(problems: list[str]) -> str:
+    """The message of a ConfigError: one problem as its sentence, several as a count and one per line."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems in the config:\n" + "\n".join(f"  - {p}" for p in problems)
 
 
 def resolve_data(cfg: Mapping[str, Any]) -> config_dict.ConfigDict:
@@ -291,3 +303,46 @@ def _merge(target: config_dict.ConfigDict, source: Mapping[str, Any], prefix: st
             _merge(target[key], value, f"{prefix}.{key}", problems)
         else:
             target[key] = value
+
+
+# ----------------------------------------------------------------------------------------------
+# Command-line overrides (`--config.<field>=<value>`), worded like validate()'s problems.
+
+_KINDS = {bool: "True or False", int: "an integer", float: "a number", str: "a string", tuple: "a tuple"}
+
+
+def unknown_overrides(config: config_dict.ConfigDict, fields: Iterable[str]) -> dict[str, str]:
+    """{field: problem} for each dotted field name (`optim.learning_rate`) that `config` lacks, with the closest name."""
+    problems = {}
+    for field in fields:
+        node, path = config, "config."
+        for part in field.split("."):
+            if not isinstance(node, config_dict.ConfigDict):
+                problems[field] = f"config.{field} is not a known field: {path[:-1]} is a value, not a group of fields."
+                break
+            if part not in node:
+                problems[field] = checks.unknown_fields([part], list(node.keys()), prefix=path)[0]
+                break
+            node, path = node[part], f"{path}{part}."
+    return problems
+
+
+def _get(config: config_dict.ConfigDict, field: str):
+    """The value at a dotted field name ("" is the config itself)."""
+    return functools.reduce(lambda node, key: node[key], field.split(".") if field else (), config)
+
+
+def field_type(config: config_dict.ConfigDict, field: str) -> type:
+    """The type of a (known) dotted field, as ml_collections reads its overrides (a placeholder's declared type)."""
+    group, _, name = field.rpartition(".")
+    return _get(config, group).get_type(name)
+
+
+def unreadable_override(config: config_dict.ConfigDict, field: str, value: str) -> str:
+    """The problem of `--config.<field>=<value>` when the field's type cannot read `value`."""
+    kind, current = field_type(config, field), _get(config, field)
+    if issubclass(kind, config_dict.ConfigDict):
+        first = next(iter(current))
+        return f"config.{field} is a group of fields, not a value; set them one by one: --config.{field}.{first}=…"
+    example = "" if current is None or kind is bool else f", e.g. --config.{field}={shlex.quote(str(current))}"
+    return f"config.{field}={value!r} is not {_KINDS.get(kind, f'a {kind.__name__}')}{example}."

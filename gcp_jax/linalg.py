@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+import os
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -436,6 +437,8 @@ def normalize(cov, options: SpectralOptions):
     """
     if options.topn > cov.shape[-1]:
         raise ValueError(f"topn={options.topn} must lie in [0, d={cov.shape[-1]}].")
+    if options.norm in ("sqrt", "seb") and _checking_inputs():
+        _check_input(cov, "sqrtm" if options.norm == "sqrt" else "seb")
     if options.norm == "sqrt":
         (root,), _ = _spectral(cov, ("sqrt",), (), options)
         return root
@@ -444,6 +447,54 @@ def normalize(cov, options: SpectralOptions):
     if options.norm == "isqrt":
         return newton_schulz_sqrtm(cov, iters=options.isqrt_iters)
     return cov
+
+
+def _checking_inputs() -> bool:
+    """Whether `sqrtm`, `seb` and `normalize` check their input (GCP_JAX_CHECK_INPUTS=1).
+
+    Read when a function is traced: set it before the first call; what JAX has already traced and
+    cached keeps the check, or its absence.
+    """
+    return os.environ.get("GCP_JAX_CHECK_INPUTS", "0") not in ("", "0")
+
+
+def _check_input(a, name):
+    """Makes the computation raise when a matrix of `a` is not finite, not symmetric or clearly indefinite.
+
+    `sqrtm` and `seb` silently use ½(A + Aᵀ) and clamp negative eigenvalues, which can hide a
+    wrong covariance. This opt-in check (one more `eigvalsh` and a device-to-host callback per
+    call) names the first bad matrix instead; it works under jit, vmap and grad (under jit the
+    sentence is the last line of the JaxRuntimeError). Tolerance √ε of the dtype, relative:
+    ‖A − Aᵀ‖_F/‖A‖_F, and λ_min against max|λ|.
+    """
+    a = jax.lax.stop_gradient(a)
+    tiny = jnp.finfo(a.dtype).tiny
+    finite = jnp.all(jnp.isfinite(a), axis=(-2, -1))
+    a = jnp.where(finite[..., None, None], a, 0)
+    norm = jnp.sqrt(jnp.sum(a * a, axis=(-2, -1)))
+    asymmetry = jnp.sqrt(jnp.sum((a - _t(a)) ** 2, axis=(-2, -1))) / jnp.maximum(norm, tiny)
+    lam = jnp.linalg.eigvalsh(_sym(a))
+    negativity = -lam[..., 0] / jnp.maximum(jnp.max(jnp.abs(lam), axis=-1), tiny)
+    tolerance = float(np.sqrt(jnp.finfo(a.dtype).eps))
+    jax.debug.callback(functools.partial(_raise_bad_input, name, tolerance), finite, asymmetry, negativity)
+
+
+def _raise_bad_input(name, tolerance, finite, asymmetry, negativity):
+    """`_check_input`'s callback, on the host: a ValueError naming the first bad matrix, if any."""
+    finite, asymmetry, negativity = np.asarray(finite), np.asarray(asymmetry), np.asarray(negativity)
+    for bad, what in (
+        (~finite, "has NaN or infinite entries"),
+        (asymmetry > tolerance, "is not symmetric (‖A − Aᵀ‖/‖A‖ = {a:.1e} > {t:.1e}; {name} would use ½(A + Aᵀ))"),
+        (
+            negativity > tolerance,
+            "is indefinite (λ_min = −{n:.1e}·max|λ|; {name} would clamp its negative eigenvalues)",
+        ),
+    ):
+        if bad.any():
+            i = tuple(int(k) for k in np.argwhere(bad)[0])
+            what = what.format(a=asymmetry[i], n=negativity[i], t=tolerance, name=name)
+            where = f" at batch index {i}" if i else ""
+            raise ValueError(f"{name}: the input matrix{where} {what}; fix the input, or unset GCP_JAX_CHECK_INPUTS.")
 
 
 def _options(name, options, **fixed):
@@ -459,7 +510,8 @@ def sqrtm(a, **options):
     variants "ordinary", "pade", "taylor" (`taylor_degree`, 100), "trunc" (`trunc_threshold`,
     1e10), "newton" (`newton_iters`, 10); `topn`: the n smallest eigenvalues set to eps
     (SVD-TopN); `eps`: None for the default floor (see `default_eps`), a number is an absolute
-    floor. Non-symmetric input is symmetrised, negative eigenvalues are clamped.
+    floor. Non-symmetric input is symmetrised, negative eigenvalues are clamped; GCP_JAX_CHECK_INPUTS=1
+    makes such input (and NaN) an error instead, for debugging.
     """
     return normalize(_as_square(a, "sqrtm"), _options("sqrtm", options, norm="sqrt"))
 

@@ -353,6 +353,42 @@ def test_lists_are_arrays_and_asymmetric_input_is_symmetrised():
     np.testing.assert_allclose(linalg.sqrtm(a + 0.1 * skew), linalg.sqrtm(a), rtol=1e-5, atol=1e-6)
 
 
+def test_input_check_is_opt_in(monkeypatch):
+    """Off by default: nothing is added to the computation; GCP_JAX_CHECK_INPUTS=1 adds one callback.
+
+    The variable is read when a function is traced (fresh lambdas here: JAX caches traces).
+    """
+    a = jnp.eye(3)
+    assert "debug_callback" not in str(jax.make_jaxpr(lambda m: linalg.sqrtm(m))(a))
+    monkeypatch.setenv("GCP_JAX_CHECK_INPUTS", "1")
+    assert "debug_callback" in str(jax.make_jaxpr(lambda m: linalg.sqrtm(m))(a))
+    assert "debug_callback" not in str(jax.make_jaxpr(lambda m: linalg.newton_schulz_sqrtm(m))(a))
+
+
+def test_input_check_names_the_bad_matrix(monkeypatch):
+    monkeypatch.setenv("GCP_JAX_CHECK_INPUTS", "1")
+    x = np.random.default_rng(30).normal(size=(3, 3, 5)).astype(np.float32)  # M = 3 < C = 5: rank-deficient
+    good = np.asarray(linalg.covariance(x))
+    jax.block_until_ready(jax.jit(lambda c: linalg.seb(c))(good))  # PSD up to float32 noise passes
+    asymmetric, indefinite, nan = good.copy(), good.copy(), good.copy()
+    asymmetric[1, 0, 1] += 0.5
+    indefinite[2] = np.diag([1.0, 1.0, 1.0, 1.0, -0.01])
+    nan[0, 2, 2] = np.nan
+    skewed = r"sqrtm: the input matrix at batch index \(1,\) is not symmetric \(‖A − Aᵀ‖/‖A‖ = .* > 3\.5e-04;"
+    with pytest.raises(ValueError, match=skewed):
+        linalg.sqrtm(asymmetric)
+    with pytest.raises(jax.errors.JaxRuntimeError, match=skewed):
+        jax.block_until_ready(jax.jit(lambda c: linalg.sqrtm(c))(asymmetric))
+    with pytest.raises(ValueError, match=skewed):
+        jax.grad(lambda c: jnp.sum(linalg.sqrtm(c)))(asymmetric)
+    with pytest.raises(ValueError, match=r"seb: the input matrix is not symmetric"):  # vmap: one matrix at a time
+        jax.vmap(linalg.seb)(asymmetric)
+    with pytest.raises(ValueError, match=r"index \(2,\) is indefinite \(λ_min = −1\.0e-02·max\|λ\|; seb would clamp"):
+        linalg.seb(indefinite)
+    with pytest.raises(ValueError, match=r"index \(0,\) has NaN or infinite entries; fix the input, or unset"):
+        linalg.sqrtm(nan)
+
+
 def test_sqrtm_split_sums_to_the_root_and_has_exact_gradients(x64):
     a = jnp.asarray(separated_batch(d=6, batch=2))
     large, small = linalg.sqrtm_split(a, 2)
