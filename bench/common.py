@@ -20,13 +20,16 @@ from collections.abc import Callable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def parser(name: str, doc: str, *, repeats: int) -> argparse.ArgumentParser:
+def parser(name: str, doc: str, *, repeats: int, repeats_note: str = "") -> argparse.ArgumentParser:
     """An argument parser for `python -m bench NAME` with the flags every benchmark has: --repeats, --out."""
     p = argparse.ArgumentParser(
         prog=f"python -m bench {name}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--repeats", type=int, default=repeats, help=f"Timed calls per measurement; the fastest counts ({repeats})."
+        "--repeats",
+        type=int,
+        default=repeats,
+        help=f"Timed calls per measurement; the fastest counts ({repeats}{repeats_note}).",
     )
     p.add_argument("--out", default="", help="Also write the JSON record here (e.g. bench/results/NAME.json).")
     return p
@@ -57,7 +60,7 @@ def host_line() -> str:
 
 
 def versions(*packages: str) -> str:
-    """ "name version" of each installed one of `packages`, comma-separated (missing ones left out)."""
+    """The installed ones of `packages` as "name version", comma-separated (missing ones left out)."""
     found = []
     for name in packages:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
@@ -66,8 +69,13 @@ def versions(*packages: str) -> str:
 
 
 def command(name: str, argv: list[str]) -> str:
-    """The command line that reruns this benchmark."""
-    return shlex.join(["python", "-m", "bench", name, *argv])
+    """The command line that reruns this benchmark (without --out: where the record went is not how it was made)."""
+    kept, skip = [], False
+    for arg in argv:
+        if not skip and not arg.startswith("--out"):
+            kept.append(arg)
+        skip = arg == "--out"
+    return shlex.join(["python", "-m", "bench", name, *kept])
 
 
 def record(name: str, argv: list[str], machine: str, rows: list[dict], **extra) -> dict:

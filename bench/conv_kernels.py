@@ -92,8 +92,8 @@ def main(argv: list[str]) -> int:
     for (side, cin, cout, kernel, stride), count in resnet50_convolutions(args.size).items():
         shape = (args.batch, side, cin, cout, kernel, stride)
         ours, theirs = jax_times(*shape, args.repeats), torch_times(*shape, args.repeats)
-        rows.append(dict(kernel=kernel, stride=stride, cin=cin, cout=cout, side=side, count=count))
-        rows[-1].update(ours_s=list(ours), torch_s=list(theirs))
+        row = dict(kernel=kernel, stride=stride, cin=cin, cout=cout, side=side, count=count)
+        rows.append({**row, "ours_s": list(ours), "torch_s": list(theirs)})
         print(rows[-1], flush=True)
     totals = {k: [sum(r["count"] * (r[k][i] or 0.0) for r in rows) for i in range(3)] for k in ("ours_s", "torch_s")}
     totals["ratio"] = sum(totals["ours_s"]) / sum(totals["torch_s"])

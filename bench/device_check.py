@@ -45,6 +45,7 @@ import time
 from bench import common, tables
 
 ROW = "BENCH-ROW "  # prefix of a worker's result lines on stdout
+NEEDED = ("ml_collections", "pytest", "pillow")  # imported by gcp_jax.training and the tests; wheels travel if missing
 TEST_FILES = ("tests/test_linalg.py", "tests/test_pooling.py", "tests/test_layers.py", "tests/test_training.py")
 SEB = "seb (code, exact): our head"
 MIN_START_S = 15  # a task is not started with less time than this left
@@ -208,15 +209,17 @@ class Check:
         """Run `task` within its limit and what is left of the budget; keep its results and a status row."""
         limit = min(self.s.limits_s[task.kind], self.deadline - time.monotonic())
         start = time.monotonic()
+        out = err = ""
         if limit < MIN_START_S:
-            status, err = "not run: the budget was spent", ""
+            status = "not run: the budget was spent"
+        elif task.kind == "torch" and not (self.quick or self.rec["environment"].get("torch_cuda")):
+            status = "skipped: torch sees no GPU"
         elif task.kind == "tests":
             status, err = self.run_tests(limit)
-        elif task.kind == "torch" and not (self.quick or self.rec["environment"].get("torch_cuda")):
-            status, err = "skipped: torch sees no GPU", ""
         else:
             status, out, err = run_child(self.worker_argv(task), limit, self.worker_env())
-            self.keep(task, worker_rows(out), f"{status}: {last_line(err)}" if status != "ok" else status)
+        if task.kind != "tests":
+            self.keep(task, worker_rows(out), f"{status}: {last_line(err)}" if err and status != "ok" else status)
         seconds = time.monotonic() - start
         self.rec["rows"].append({"name": task.name, "status": status, "seconds": seconds})
         detail = "\n".join(err.strip().splitlines()[-15:]) if not status.startswith(("ok", "skipped")) else ""
@@ -286,8 +289,7 @@ def environment_worker(s: Settings, args) -> None:
 
     import jax
 
-    from bench.timing import machine_line
-    from bench.train_step import device_memory_limit
+    from bench.timing import device_memory_limit, machine_line
 
     implementations = getattr(jax.lax.linalg, "EighImplementation", None)
     torch_cuda = False
@@ -296,7 +298,7 @@ def environment_worker(s: Settings, args) -> None:
 
         torch_cuda = torch.cuda.is_available()
     limit = device_memory_limit()
-    packages = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml_collections", "torch", "timm", "torchvision")
+    packages = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "torch", "timm", "torchvision", *NEEDED)
     emit(
         {
             "machine": machine_line(),
@@ -305,7 +307,8 @@ def environment_worker(s: Settings, args) -> None:
             "device_memory_gib": None if limit is None else limit / 2**30,
             "eigh_implementations": [i.value for i in implementations] if implementations else [],
             "torch_cuda": torch_cuda,
-            "versions": common.versions(*packages, "pytest"),
+            "versions": common.versions(*packages),
+            "missing": [name for name in NEEDED if not common.versions(name)],
         }
     )
 
@@ -371,10 +374,15 @@ WORKERS = {"environment": environment_worker, "spectral": spectral_worker, "trai
 
 
 def main(argv: list[str]) -> int:
-    p = common.parser("device_check", __doc__, repeats=FULL.repeats)
-    p.set_defaults(repeats=None)  # the settings' (10; --quick 2)
+    p = common.parser("device_check", __doc__, repeats=FULL.repeats, repeats_note=f"; --quick {QUICK.repeats}")
+    p.set_defaults(repeats=None)  # the settings' own
     p.add_argument("--quick", action="store_true", help="Every task on the CPU at tiny sizes (the tests run this).")
-    p.add_argument("--budget", type=float, default=None, help="Seconds for all tasks (450; --quick 150).")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help=f"Seconds for all tasks ({FULL.budget_s:.0f}; --quick {QUICK.budget_s:.0f}).",
+    )
     p.add_argument(
         "--tasks", type=common.listed(), default=[], help="Only these tasks (kinds or names), e.g. b5,tests."
     )

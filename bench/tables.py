@@ -48,7 +48,7 @@ def head_name(head: str) -> str:
 
 
 def spectral_tables(rec: dict) -> dict[str, str]:
-    """ "functions": each normalisation against eigh + autodiff; "layer": the GCP+SEB layer against the reference."""
+    """Tables "functions" (each normalisation against eigh + autodiff) and "layer" (GCP+SEB against the reference)."""
     functions = markdown(
         ("dtype", "batch", "function", "fwd ms", "fwd ×", "fwd+bwd ms", "fwd+bwd ×"),
         [
@@ -142,7 +142,7 @@ def versus_table(v: dict) -> str:
 
 
 def train_step_tables(rec: dict) -> dict[str, str]:
-    """ "steps": one row per backbone/head; "versus": against the PyTorch recipe, when it ran."""
+    """Tables "steps" (one row per backbone, head, size and dtype) and "versus" (the PyTorch recipe), if it ran."""
     tables = {"steps": markdown(STEP_HEADER, [step_cells(r) for r in rec["rows"]])}
     if rec.get("versus"):
         tables["versus"] = versus_table(rec["versus"])
@@ -154,7 +154,7 @@ def train_step_tables(rec: dict) -> dict[str, str]:
 
 
 def conv_kernels_tables(rec: dict) -> dict[str, str]:
-    """ "convolutions": forward, input and kernel gradient of each ResNet-50 convolution, ours / torch."""
+    """Table "convolutions": forward, input and kernel gradient of each ResNet-50 convolution, ours / torch."""
 
     def pair(ours, theirs, decimals=1):
         return f"{fixed(ours, decimals, 1e3)} / {fixed(theirs, decimals, 1e3)}"
@@ -179,7 +179,7 @@ def conv_kernels_tables(rec: dict) -> dict[str, str]:
 
 
 def input_pipeline_tables(rec: dict) -> dict[str, str]:
-    """ "rates": images/s and images per CPU-second; "cores": the cores a training step needs."""
+    """Tables "rates" (images/s and images per CPU-second) and "cores" (the cores a training step needs)."""
     rates = markdown(
         ("source JPEG", "pipeline", "cores", "img/s", "img per CPU-s"),
         [
@@ -199,8 +199,22 @@ def input_pipeline_tables(rec: dict) -> dict[str, str]:
 # bench.device_check
 
 
+def environment_table(env: dict) -> str:
+    """The device check's environment as a two-column table."""
+    rows = [
+        ("platform", env.get("platform", NONE)),
+        ("devices", ", ".join(env.get("devices", [])) or NONE),
+        ("device memory JAX may use (GiB)", sig(env.get("device_memory_gib"))),
+        ("eigh implementations", ", ".join(env.get("eigh_implementations", [])) or "default only"),
+        ("torch sees a GPU", "yes" if env.get("torch_cuda") else "no"),
+        ("versions", env.get("versions", NONE)),
+        ("missing", ", ".join(env.get("missing", [])) or "nothing"),
+    ]
+    return markdown(("environment", ""), rows)
+
+
 def device_check_tables(rec: dict) -> dict[str, str]:
-    """ "sections", "tests", "train_step", "torch", "spectral": the device check's results."""
+    """The device check's tables: sections, environment, tests, train_step, torch, spectral."""
     sections = markdown(
         ("section", "status", "seconds"),
         [(s["name"], s["status"], fixed(s["seconds"], 0)) for s in rec["rows"]],
@@ -242,9 +256,10 @@ def device_check_tables(rec: dict) -> dict[str, str]:
     torch = rec["torch"]
     return {
         "sections": sections,
+        "environment": environment_table(rec["environment"]),
         "tests": test_table + failures,
         "train_step": markdown(STEP_HEADER, [step_cells(r) for r in steps]) + problems,
-        "torch": f"not run: {torch['error']}" if "error" in torch else versus_table(torch),
+        "torch": torch["error"] if "error" in torch else versus_table(torch),
         "spectral": spectral,
     }
 

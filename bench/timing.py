@@ -34,6 +34,12 @@ def compiled_memory_bytes(compiled) -> int:
     return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
 
+def device_memory_limit() -> int | None:
+    """Bytes the first device may allocate, where the backend says (GPU, TPU); None on a CPU."""
+    stats = jax.devices()[0].memory_stats()
+    return stats.get("bytes_limit") if stats else None
+
+
 def device_line() -> str:
     """The JAX version and the devices it runs on."""
     devices = jax.devices()

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common, tables
-from bench.timing import compiled_memory_bytes, machine_line, time_call
+from bench.timing import compiled_memory_bytes, device_memory_limit, machine_line, time_call
 from gcp_jax import config, linalg, optim, sharding, training
 
 HEADS = ("gap", "sqrt", "seb")
@@ -71,12 +71,6 @@ def run_config(case: Case):
     if case.last_stride is not None and case.arch.startswith("resnet"):
         c.model.last_stride = case.last_stride
     return c
-
-
-def device_memory_limit() -> int | None:
-    """Bytes the first device may allocate, where the backend says (GPU, TPU); None on a CPU."""
-    stats = jax.devices()[0].memory_stats()
-    return stats.get("bytes_limit") if stats else None
 
 
 @dataclasses.dataclass

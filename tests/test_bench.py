@@ -55,6 +55,12 @@ def test_significant_figures_never_use_an_exponent():
     ]
 
 
+def test_a_record_names_the_command_that_reruns_it_not_where_it_was_written():
+    rec = common.record("spectral", ["--batches", "8", "--out", "a.json", "--repeats=3"], "machine", [])
+    assert rec["command"] == "python -m bench spectral --batches 8 --repeats=3"
+    assert common.command("spectral", ["--out=b.json"]) == "python -m bench spectral"
+
+
 def test_pytest_summary_counts_a_run_cut_short():
     out = "\n".join(
         [
@@ -68,6 +74,18 @@ def test_pytest_summary_counts_a_run_cut_short():
     summary = device_check.pytest_summary(out, ("tests/test_a.py",))
     assert (summary["passed"], summary["failed"], summary["errors"], summary["skipped"]) == (2, 1, 1, 1)
     assert summary["failures"] == ["tests/test_a.py::test_two[x-1]", "tests/test_c.py"]
+
+
+def test_a_spent_budget_records_every_task_as_not_run_and_still_reports(tmp_path):
+    check = device_check.Check(device_check.FULL, False, [], str(tmp_path / "check.json"))
+    check.deadline = 0
+    tasks = device_check.plan(device_check.FULL, [])
+    for task in tasks:
+        check.run(task)
+    rec = json.loads((tmp_path / "check.json").read_text())
+    assert [(s["name"], s["status"]) for s in rec["rows"]] == [(t.name, "not run: the budget was spent") for t in tasks]
+    assert len(rec["train_step"]) == 6 and all("error" in r for r in rec["train_step"])
+    assert "not run" in tables.render(rec)["torch"]
 
 
 def test_a_child_past_its_limit_is_killed_and_keeps_what_it_printed():
@@ -124,6 +142,7 @@ def test_device_check_quick_runs_every_task_and_writes_every_section(tmp_path):
     assert [s["name"] for s in rec["rows"]] == names
     assert all(s["status"] == "ok" for s in rec["rows"]), rec["rows"]
     assert rec["environment"]["platform"] == "cpu" and rec["machine"].startswith("jax ")
+    assert rec["environment"]["missing"] == []
     spectral = {r["function"]: r for r in rec["spectral"]}
     assert spectral[device_check.SEB]["fwdbwd_ratio"] == 1.0
     assert "error" in spectral["eigh+autodiff √ (jacobi)"]  # LAPACK has no Jacobi eigh
@@ -132,4 +151,4 @@ def test_device_check_quick_runs_every_task_and_writes_every_section(tmp_path):
     assert step["images_per_s"] > 0 and step["spectral_share"] > 0
     assert rec["torch"]["batch"] == 2 and rec["torch"]["ratio"] > 0
     assert (rec["tests"]["passed"], rec["tests"]["failed"]) == (1, 0)
-    assert set(tables.render(rec)) == {"sections", "tests", "train_step", "torch", "spectral"}
+    assert set(tables.render(rec)) == {"sections", "environment", "tests", "train_step", "torch", "spectral"}
