@@ -141,7 +141,11 @@ def measure(case: Case, mesh, repeats: int, forward: bool = True) -> dict:
     forward_s = forward_seconds(p, repeats) if forward else None
     step_s = time_call(p.step_once, repeats=repeats)
     row = {
-        **dataclasses.asdict(case),
+        "arch": case.arch,
+        "head": case.head,
+        "size": case.size,
+        "batch": case.batch,
+        "dtype": case.dtype,
         "map": side,
         "images_per_s": case.batch / step_s,
         "step_s": step_s,
@@ -155,7 +159,6 @@ def measure(case: Case, mesh, repeats: int, forward: bool = True) -> dict:
         dim = run_config(case).gcp.dim
         row["spectral_s"] = spectral_seconds(case.head, case.batch, side * side, dim, repeats)
         row["spectral_share"] = row["spectral_s"] / step_s
-    del row["last_stride"]
     return row
 
 
