@@ -1,9 +1,9 @@
 """Each convolution of ResNet-50 alone: ours (XLA, through `gcp_jax.layers`) against PyTorch's.
 
-    python -m bench.conv_kernels                      # 448 px, batch 2, layer4 at stride 1 (2 cores: ~20 s)
-    python -m bench.conv_kernels --size 224 --batch 8
+    python -m bench conv_kernels                      # the docs table: 448 px, batch 2 (2 cores: ~20 s)
+    python -m bench conv_kernels --size 224 --batch 8
 
-Where the train-step gap to the PyTorch reference (`bench.train_step`) lives: for every distinct
+Where the CPU train-step gap to the PyTorch reference (`bench train_step`) lives: for every distinct
 convolution of the ResNet-50 the GCP protocol trains (its shapes at `--size` and `--batch`,
 torchvision's v1.5 layout, layer4 at stride 1) the table gives the forward, the input gradient
 and the kernel gradient, in ms, for both frameworks, each the fastest of `--repeats` calls, and
@@ -15,7 +15,6 @@ reference recipe runs it, its gradients timed with `torch.autograd.grad` on a ke
 
 from __future__ import annotations
 
-import argparse
 import collections
 import importlib.util
 import os
@@ -24,11 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import machine_line, print_table, time_call
+from bench import common, tables
+from bench.timing import machine_line, time_call
 from gcp_jax import layers
 
 NHWC = ("NHWC", "HWIO", "NHWC")
-PARTS = ("fwd", "dx", "dw")
 
 
 def resnet50_convolutions(size: int, last_stride: int = 1) -> collections.Counter:
@@ -82,41 +81,25 @@ def torch_times(batch, side, cin, cout, kernel, stride, repeats):
     return fwd, dx, dw
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=448)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+def main(argv: list[str]) -> int:
+    p = common.parser("conv_kernels", __doc__, repeats=5)
+    p.add_argument("--size", type=int, default=448, help="Image side in pixels (448).")
+    p.add_argument("--batch", type=int, default=2, help="Batch (2).")
+    args = p.parse_args(argv)
     if importlib.util.find_spec("torch") is None:
-        raise SystemExit("bench.conv_kernels compares with PyTorch: pip install torch==2.13.0 (the CPU build) first.")
-    print(machine_line(), flush=True)
-    rows, totals = [], {"gcp_jax": np.zeros(3), "torch": np.zeros(3)}
+        raise SystemExit("bench conv_kernels compares with PyTorch: pip install torch==2.13.0 (the CPU build) first.")
+    rows = []
     for (side, cin, cout, kernel, stride), count in resnet50_convolutions(args.size).items():
         shape = (args.batch, side, cin, cout, kernel, stride)
         ours, theirs = jax_times(*shape, args.repeats), torch_times(*shape, args.repeats)
-        for name, times in (("gcp_jax", ours), ("torch", theirs)):
-            totals[name] += count * np.array([t or 0.0 for t in times])
-        ms = lambda t: "—" if t is None else f"{1e3 * t:.1f}"
-        rows.append(
-            [
-                f"{kernel}×{kernel}/{stride} {cin}→{cout} at {side}²",
-                count,
-                *(f"{ms(a)} / {ms(b)}" for a, b in zip(ours, theirs)),
-            ]
-        )
+        row = dict(kernel=kernel, stride=stride, cin=cin, cout=cout, side=side, count=count)
+        rows.append({**row, "ours_s": list(ours), "torch_s": list(theirs)})
         print(rows[-1], flush=True)
-    rows.append(
-        [
-            "model total (× count)",
-            "",
-            *(f"{1e3 * a:.0f} / {1e3 * b:.0f}" for a, b in zip(totals["gcp_jax"], totals["torch"])),
-        ]
+    totals = {k: [sum(r["count"] * (r[k][i] or 0.0) for r in rows) for i in range(3)] for k in ("ours_s", "torch_s")}
+    totals["ratio"] = sum(totals["ours_s"]) / sum(totals["torch_s"])
+    rec = common.record(
+        "conv_kernels", argv, f"{machine_line()}; {common.versions('torch')}", rows, batch=args.batch, totals=totals
     )
-    ratio = totals["gcp_jax"].sum() / totals["torch"].sum()
-    rows.append(["time ratio ours / torch, all three", "", f"{ratio:.2f}", "", ""])
-    print_table([f"convolution (batch {args.batch})", "count", *(f"{p} ms ours / torch" for p in PARTS)], rows)
-
-
-if __name__ == "__main__":
-    main()
+    tables.print_record(rec)
+    common.write_record(args.out, rec)
+    return 0

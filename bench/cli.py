@@ -1,0 +1,30 @@
+"""The benchmark commands: `python -m bench NAME [flags]`, NAME one of BENCHMARKS (`--help` after NAME for its flags)."""
+
+from __future__ import annotations
+
+import importlib
+
+BENCHMARKS = {
+    "spectral": "the spectral functions and the GCP+SEB layer against autodiff and the reference recipe",
+    "train_step": "images/s of the real train step, its forward, memory, spectral share; vs the PyTorch recipe",
+    "conv_kernels": "each ResNet-50 convolution alone, ours against PyTorch's",
+    "input_pipeline": "images/s per CPU core of the training and evaluation preprocessing",
+    "device_check": "one prepared check of an accelerator (< 8 minutes): tests, train steps, torch, spectral head",
+    "report": "regenerate the tables of README.md and docs/benchmarks.md from bench/results/*.json",
+}
+INTERNAL = ("reference_torch",)  # the PyTorch recipe's child process of train_step
+
+
+def usage() -> str:
+    width = max(map(len, BENCHMARKS))
+    lines = [f"  {name.ljust(width)}  {what}" for name, what in BENCHMARKS.items()]
+    return "usage: python -m bench NAME [flags]   (python -m bench NAME --help)\n\n" + "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """Run benchmark argv[0] with the flags that follow; its module is bench.<name>, with main(argv) -> int."""
+    if not argv or argv[0] not in (*BENCHMARKS, *INTERNAL):
+        print(usage())
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    module = importlib.import_module(f"bench.{argv[0]}")
+    return module.main(argv[1:])
