@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gcp_jax import batched_eigh
+
 HIGHEST = jax.lax.Precision.HIGHEST
 SQRTM_GRADS = ("exact", "ordinary", "pade", "taylor", "trunc", "newton")
 SEB_VARIANTS = ("code", "a", "b")
@@ -110,7 +112,7 @@ def default_eps(eigenvalues):
 
 def _clamped_eigh(a, eps, topn):
     """Eigendecomposition of sym(a) with λ̂ = max(λ, eps); the `topn` smallest set to eps."""
-    lam, u = jnp.linalg.eigh(_sym(a), symmetrize_input=False)
+    lam, u = batched_eigh.eigh(_sym(a))  # jnp.linalg.eigh, safe on several CPU devices
     floor = default_eps(lam) if eps is None else jnp.asarray(eps, lam.dtype)
     lam_hat = jnp.maximum(lam, floor)
     if topn:
@@ -395,7 +397,7 @@ def seb_scale(a, *, eps=None):
 def eigenvalues(a):
     """Ascending eigenvalues of sym(a), without clamping (for analysis; no custom gradient)."""
     _check_square(a, "eigenvalues")
-    return jnp.linalg.eigvalsh(_sym(a))
+    return batched_eigh.eigh(_sym(a))[0]
 
 
 # ----------------------------------------------------------------------------------------------
