@@ -9,6 +9,7 @@ BENCHMARKS = {
     "train_step": "images/s of the real train step, its forward, memory, spectral share; vs the PyTorch recipe",
     "conv_kernels": "each ResNet-50 convolution alone, ours against PyTorch's",
     "input_pipeline": "images/s per CPU core of the training and evaluation preprocessing",
+    "eigh_devices": "batched eigh and a train step on 1-8 fake CPU devices: the old dispatch hangs, the new does not",
     "device_check": "one prepared check of an accelerator (< 8 minutes): tests, train steps, torch, spectral head",
     "report": "regenerate the tables of README.md and docs/benchmarks.md from bench/results/*.json",
 }

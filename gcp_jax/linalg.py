@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gcp_jax import checks
+from gcp_jax import batched_eigh, checks
 
 HIGHEST = jax.lax.Precision.HIGHEST
 NORMS = ("sqrt", "seb", "isqrt", "none")
@@ -204,7 +204,7 @@ def clamp_eigenvalues(lam, eps=None):
 
 def _clamped_eigh(a, eps, topn):
     """Eigendecomposition of sym(a) with λ̂ = max(λ, eps); the `topn` smallest set to eps."""
-    lam, u = jnp.linalg.eigh(_sym(a), symmetrize_input=False)
+    lam, u = batched_eigh.eigh(_sym(a))  # jnp.linalg.eigh, safe on several CPU devices
     lam_hat = clamp_eigenvalues(lam, eps)
     if topn:
         floor = default_eps(lam) if eps is None else jnp.asarray(eps, lam.dtype)
@@ -473,7 +473,7 @@ def _check_input(a, name):
     a = jnp.where(finite[..., None, None], a, 0)
     norm = jnp.sqrt(jnp.sum(a * a, axis=(-2, -1)))
     asymmetry = jnp.sqrt(jnp.sum((a - _t(a)) ** 2, axis=(-2, -1))) / jnp.maximum(norm, tiny)
-    lam = jnp.linalg.eigvalsh(_sym(a))
+    lam = batched_eigh.eigh(_sym(a))[0]
     negativity = -lam[..., 0] / jnp.maximum(jnp.max(jnp.abs(lam), axis=-1), tiny)
     tolerance = float(np.sqrt(jnp.finfo(a.dtype).eps))
     jax.debug.callback(functools.partial(_raise_bad_input, name, tolerance), finite, asymmetry, negativity)
@@ -536,7 +536,7 @@ def seb_scale(a, *, eps=None):
 
 def eigenvalues(a):
     """Ascending eigenvalues of sym(a), without clamping (for analysis; no custom gradient)."""
-    return jnp.linalg.eigvalsh(_sym(_as_square(a, "eigenvalues")))
+    return batched_eigh.eigh(_sym(_as_square(a, "eigenvalues")))[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gcp_jax import linalg
+from gcp_jax import batched_eigh, linalg
 from gcp_jax.spectrum import head_covariance, require_gcp
 
 WHICH = ("smallest", "largest")
@@ -18,7 +18,7 @@ def truncate_spectrum(cov, n, which):
     """Σ rebuilt with its n smallest or largest eigenvalues replaced by the clamp floor."""
     if which not in WHICH:
         raise ValueError(f"which={which!r} must be one of {', '.join(WHICH)}.")
-    lam, u = jnp.linalg.eigh(cov)
+    lam, u = batched_eigh.eigh(cov, symmetrize_input=True)
     d = lam.shape[-1]
     index = jnp.arange(d)
     hit = index < n if which == "smallest" else index >= d - n
