@@ -8,11 +8,14 @@
 Any config field can be overridden with --config.<field>=<value> (fields: gcp_jax/config.py);
 unknown fields and values of the wrong type or impossible ones are reported together, one line
 each, before anything runs. Give every run its own --workdir: a run resumes from what it finds there.
+Exit status: 0 done; 1 an error (one line); 2 bad flags; 124 no step finished within
+config.step_timeout_s; 130 / 143 stopped by SIGINT / SIGTERM before the last step (README: Reliability).
 Multi-host (TPU pod, GPU cluster): run the same command on every host; give --coordinator_address,
 --num_processes and --process_id (or the JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
 JAX_PROCESS_ID environment variables), or --distributed to let JAX detect the cluster.
 """
 
+import errno
 import os
 import re
 import sys
@@ -31,6 +34,7 @@ def _env_int(name: str) -> int | None:
 _DEMO_CONFIG = os.path.join(_HERE, "configs", "demo.py")
 # The command line ml_collections reads the --config.<field> overrides from (parse_flags fills it).
 _COMMAND_LINE: list[str] = []
+_CONFIG_GIVEN = [True]  # whether the command line named a --config file (parse_flags sets it)
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
     None,  # parse_flags adds --config=configs/demo.py when absent: a default here would be loaded at import
@@ -70,7 +74,8 @@ _CONFIG_FLAG = re.compile(r"-{1,2}config(=|$)")
 def parse_flags(argv):
     """absl flag parsing; a config mistake exits with every problem listed, one sentence each, no traceback."""
     argv = argv[:1] + flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
-    if not any(_CONFIG_FLAG.match(arg) for arg in argv):
+    _CONFIG_GIVEN[:] = [any(_CONFIG_FLAG.match(arg) for arg in argv)]
+    if not _CONFIG_GIVEN[0]:
         argv.insert(1, f"--config={_DEMO_CONFIG}")
     try:
         rest, message = _parse(argv)
@@ -161,32 +166,88 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # JAX and Orbax log much at INFO
-    from gcp_jax import metrics, sharding, training  # after flag parsing: keeps --help fast
+    from gcp_jax import metrics, sharding, stopping, training  # after flag parsing: keeps --help fast
 
     sharding.initialize_distributed(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, force=_DISTRIBUTED.value
     )
-    config = _CONFIG.value
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].config_filename)
     try:
+        config = run_config(workdir)
         training.configure_jax(config)
         if config.eval_only:
             result = training.evaluate_checkpoint(config, workdir)
         else:
             result = training.train_and_evaluate(config, workdir)
-    except (ValueError, FileNotFoundError, training.NonFiniteError) as e:
-        if _TRACEBACK.value:
+    except Exception as e:
+        message = user_error(e, workdir)
+        if message is None or _TRACEBACK.value:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        stopping.exit_now(f"error: {message}", 1)  # no teardown: nothing more is printed
     metrics.log(summary(result))
+    if result.stopped_by is not None:
+        sys.exit(stopping.exit_code(result.stopped_by))
+
+
+def user_error(error: Exception, workdir: str) -> str | None:
+    """The message of an error the user can fix (a mistake, a full disk), or None for a bug."""
+    from gcp_jax import training
+
+    if disk_full(error):
+        return (
+            f"no space left on the disk holding {os.path.abspath(workdir)}; free some space, then run the same "
+            "command: the run resumes from its last complete checkpoint."
+        )
+    if isinstance(error, (ValueError, FileNotFoundError, training.NonFiniteError)):
+        return str(error)
+    return None
+
+
+def disk_full(error: BaseException | None) -> bool:
+    """Whether `error` or one of its causes is a full disk (Orbax and TensorStore wrap ENOSPC in other errors)."""
+    from gcp_jax import checkpoint
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if getattr(error, "errno", None) == errno.ENOSPC or checkpoint.DISK_FULL in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def run_config(workdir: str):
+    """The config to run: the --config file and overrides, except where workdir holds a run.
+
+    There, eval_only evaluates with the run's saved config (only eval overrides such as
+    --config.data.eval_split apply), and training without --config resumes with the saved config
+    plus the overrides given (a changed model, data or optimiser is then refused by the loop).
+    In a workdir without a run, eval_only evaluates the --config model (e.g. a weight file as loaded).
+    """
+    from ml_collections.config_flags import get_override_values
+
+    from gcp_jax import training
+
+    config, overrides = _CONFIG.value, get_override_values(flags.FLAGS["config"])
+    if not training.saved_config_path(workdir):  # a new run, or eval_only of a weight file
+        return config
+    if config.eval_only:
+        return training.run_config(workdir, overrides, eval_only=True)
+    if not _CONFIG_GIVEN[0]:
+        return training.run_config(workdir, overrides)
+    return config
 
 
 def summary(result) -> str:
     """Where the results are, and the best and final accuracies of a training.RunResult."""
-    from gcp_jax import metrics
+    from gcp_jax import metrics, training
 
     lines = []
+    if result.stopped_by is not None:
+        lines.append(
+            f"stopped by {result.stopped_by.name} at step {result.step} with a checkpoint; run the same command "
+            "to resume."
+        )
     if result.final:
         label = "last eval" if result.preempted else f"final (step {result.step})"
         lines.append(f"{label}: {metrics.describe_eval(result.final)}")
@@ -197,13 +258,19 @@ def summary(result) -> str:
         f"TensorBoard: tensorboard --logdir {os.path.join(result.workdir, 'tensorboard')}",
     ]
     if result.checkpoints:  # none when a weight file was evaluated as loaded
-        lines.append(f"checkpoints: {result.checkpoints}  (config: {os.path.join(result.workdir, 'config.json')})")
+        lines.append(f"checkpoints: {result.checkpoints}  (config: {training.saved_config_path(result.workdir)})")
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    from gcp_jax import cpu_tuning
+def cli() -> None:
+    """`python train.py`: SIGINT/SIGTERM handled from the first moment (gcp_jax.stopping), then absl's app."""
+    from gcp_jax import cpu_tuning, stopping
 
+    stopping.install()  # first: SIGINT/SIGTERM during the imports and compilation below exit cleanly
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the input pipeline's TensorFlow: errors only
     cpu_tuning.tune_process()  # before the config file imports numpy and JAX, which start threads
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    cli()

@@ -47,6 +47,8 @@ def get_config() -> config_dict.ConfigDict:
     c.eval_flip = False  # Eval also on the mirrored images, averaging the two logits; records both accuracies.
     c.spectrum_every_steps = 500  # Spectrum summary of the train batch to TensorBoard every N steps; 0 = off.
     c.max_nonfinite_steps = 20  # Steps with a non-finite loss/gradient are skipped; more than this stops the run.
+    c.step_timeout_s = 1800  # Watchdog: no train step done in this many seconds -> dump all stacks, exit 124; 0 = off.
+    c.allow_config_change = False  # Resume although the model/data/optimiser fields differ from the run's saved config.
 
     # --- model (gcp_jax.models.create_model) ----------------------------------------------
     c.model = config_dict.ConfigDict()
@@ -180,6 +182,7 @@ def _run_problems(c, num_devices: int) -> list[str]:
         "checkpoint_every_steps",
         "max_nonfinite_steps",
         "spectrum_every_steps",
+        "step_timeout_s",
     ):
         problems += _integer_at_least(name, c[name], 0)
     if not (c.num_train_steps == -1 or c.num_train_steps >= 1):

@@ -81,22 +81,29 @@ def _plain(value: Any) -> Any:
 class MetricsWriter:
     """Writes {step, split, **metrics} to metrics.jsonl and TensorBoard ("<split>/<name>").
 
-    `start_step` (a resumed run) drops records after that step, which the run will repeat;
-    None appends without dropping anything.
+    metrics.jsonl is append-only. On opening, lines that are not whole JSON records (a line torn
+    by a crash or a full disk) are dropped with a warning, and `start_step` (a resumed run) drops
+    the records after that step, which the run will repeat; None keeps every record. Such a
+    rewrite goes to a new file renamed into place, so the history survives a crash at any moment.
     """
 
     def __init__(self, workdir: str, *, start_step: int | None = 0):
         self._enabled = is_writer()
+        self._last: dict[str, dict[str, Any]] = {}
         if not self._enabled:
             return
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, METRICS_FILE)
-        if start_step is not None:
-            _truncate_after(self.path, start_step)
+        for record in _clean(self.path, start_step):
+            self._last[record.get("split")] = record
         self._jsonl = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the writer's life)
         self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), purge_step=start_step or None)
+
+    def last(self, split: str) -> dict[str, Any] | None:
+        """The last record of `split` kept when the file was opened (process 0; None elsewhere or if none)."""
+        return self._last.get(split)
 
     def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
         """Record one set of scalar metrics of `split` ("train", "test", ...) at `step`."""
@@ -116,26 +123,61 @@ class MetricsWriter:
             self._tb.close()
 
 
-def _truncate_after(path: str, step: int) -> None:
-    """Keep only the records of steps <= `step` in the JSONL file at `path`, if it exists."""
+def _parse(path: str) -> tuple[list[tuple[str, dict[str, Any]]], list[int], bool]:
+    """([(line, record)] of the JSON records, numbers of the other non-empty lines, whether the file ends
+    in a newline)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    records, bad = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append((line, record))
+        else:
+            bad.append(number)
+    return records, bad, text.endswith("\n") or not text
+
+
+def _clean(path: str, start_step: int | None) -> list[dict[str, Any]]:
+    """Drop the broken lines of the JSONL file at `path` and, given `start_step`, the records after it.
+
+    The lines kept are kept byte for byte; a changed file is written beside it and renamed into
+    place (atomic). Returns the records kept.
+    """
     if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(kept)
+        return []
+    records, bad, whole = _parse(path)
+    kept = [(line, r) for line, r in records if start_step is None or r.get("step", 0) <= start_step]
+    if bad:
+        LOGGER.warning(f"{path}: dropped line(s) {', '.join(map(str, bad))}, which are not whole JSON records.")
+    if bad or len(kept) != len(records) or not whole:
+        temporary = f"{path}.tmp"
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line, _ in kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    return [r for _, r in kept]
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """All records of workdir/metrics.jsonl, in order."""
-    with open(os.path.join(workdir, METRICS_FILE), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All records of workdir/metrics.jsonl, in order (lines that are not whole records are skipped)."""
+    return [record for _, record in _parse(os.path.join(workdir, METRICS_FILE))[0]]
 
 
 class Progress:
-    """Training progress: a tqdm bar with images/s and ETA on a terminal, plain lines otherwise."""
+    """Training progress: a tqdm bar on a terminal, plain lines otherwise, with images/s and ETA.
+
+    The rate counts training only: from `start()` (call it once the first step, which includes
+    compilation, has finished) and without the time given to `exclude()` (evaluation, checkpoints).
+    """
+
+    _BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
 
     def __init__(self, total_steps: int, start_step: int, batch_size: int, *, tty: bool | None = None):
         self._enabled = is_writer()
@@ -145,21 +187,28 @@ class Progress:
         if self._enabled and (sys.stderr.isatty() if tty is None else tty):
             from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, bar_format=self._BAR_FORMAT
+            )
 
-    def update(self, step: int, metrics: Mapping[str, Any]) -> float:
-        """Report `step` and its metrics; returns images/s since the previous update."""
+    def start(self, step: int) -> None:
+        """Start timing after `step`: the steps up to it (compilation) count in no rate."""
+        self._last_step, self._last_time = step, time.perf_counter()
+
+    def update(self, step: int, metrics: Mapping[str, Any]) -> float | None:
+        """Report `step` and its metrics; returns images/s since the previous update (None: no timed step yet)."""
         now = time.perf_counter()
-        steps = max(step - self._last_step, 1)
-        rate = steps * self._batch / max(now - self._last_time, 1e-9)
-        eta = (self._total - step) * self._batch / rate
+        steps = step - self._last_step
+        rate = steps * self._batch / max(now - self._last_time, 1e-9) if steps > 0 else None
         if self._enabled:
             shown = " ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
+            if rate is not None:
+                shown += f" {rate:.1f} img/s ETA {_duration((self._total - step) * self._batch / rate)}"
             if self._bar is not None:
-                self._bar.update(step - self._last_step)
-                self._bar.set_postfix_str(f"{shown} {rate:.1f} img/s", refresh=True)
+                self._bar.update(step - self._bar.n)
+                self._bar.set_postfix_str(shown, refresh=True)
             else:
-                log(f"step {step}/{self._total} {shown} {rate:.1f} img/s ETA {_duration(eta)}")
+                log(f"step {step}/{self._total} {shown}")
         self._last_step, self._last_time = step, now
         return rate
 

@@ -10,11 +10,13 @@ checkpoints and logging. The command line is `train.py`; the config is `gcp_jax.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
+import re
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -28,7 +30,7 @@ from ml_collections import ConfigDict
 
 from gcp_jax import checkpoint as ckpt_lib
 from gcp_jax import config as config_lib
-from gcp_jax import data, models, optim, sharding, spectrum
+from gcp_jax import data, models, optim, sharding, spectrum, stopping
 from gcp_jax import metrics as metrics_lib
 
 if TYPE_CHECKING:
@@ -60,10 +62,15 @@ class RunResult:
     final: dict[str, float] | None  # the last eval's metrics (None before the first eval)
     best_top1: float  # the best eval top-1 so far (-1 before the first eval)
     best_step: int  # its step (-1 before the first eval)
-    preempted: bool  # stopped by a signal before the last step
+    stopped_by: signal.Signals | None  # the signal that stopped the run before its last step, if any
     state: TrainState
     workdir: str
     checkpoints: str  # the checkpoint directory ("" when a weight file was evaluated: evaluate_weights)
+
+    @property
+    def preempted(self) -> bool:
+        """Stopped by a signal before the last step."""
+        return self.stopped_by is not None
 
 
 def configure_jax(config: ConfigDict) -> None:
@@ -337,7 +344,8 @@ class Run:
         batches = data.eval_batches(
             self.config.data, batch_size=local, process_index=jax.process_index(), process_count=jax.process_count()
         )
-        return evaluate(self.eval_step, state, batches, self.num_classes, self.mesh, flip=self.config.eval_flip)
+        result = evaluate(self.eval_step, state, batches, self.num_classes, self.mesh, flip=self.config.eval_flip)
+        return {**result, "skipped_images": _total_over_processes(batches.num_skipped)}  # after the pass
 
     def train_batches(self, start_step: int):
         local = sharding.local_batch_size(self.config.batch_size, self.mesh)
@@ -363,62 +371,197 @@ class Run:
 def restore(run: Run, workdir: str, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
     """(state, meta) of the checkpoint at `step` (default: the latest) in workdir, placed as `run` places it.
 
+    Read-only and verified (see gcp_jax.checkpoint): a damaged checkpoint raises an error naming it.
     The template is `run.abstract_state()`: nothing is initialised or loaded only to be overwritten.
     """
-    checkpoints = ckpt_lib.Checkpoints(workdir, use_async=False)
+    checkpoints = ckpt_lib.Checkpoints(workdir, use_async=False, read_only=True)
     try:
         return checkpoints.restore(run.abstract_state(), step)
+    except ckpt_lib.DamagedCheckpointError as e:
+        raise ckpt_lib.DamagedCheckpointError(
+            f"{e}. Resume training in {workdir} to set it aside and continue from the newest intact checkpoint."
+        ) from e
     finally:
         checkpoints.close()
 
 
+# --------------------------------------------------------------------------------------
+# The run's config: saved in the workdir, changed on resume only explicitly
+
+# Fields a resumed run may change freely: run length and logging/eval/checkpoint cadence, where
+# the data live, and switches of this program. Any other change needs config.allow_config_change.
+RESUME_MAY_CHANGE = (
+    "num_epochs",
+    "num_train_steps",
+    "log_every_steps",
+    "eval_every_epochs",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "spectrum_every_steps",
+    "max_nonfinite_steps",
+    "step_timeout_s",
+    "eval_batch_size",
+    "eval_flip",
+    "eval_only",
+    "allow_config_change",
+    "data.data_dir",
+    "data.manual_dir",
+    "data.cache",
+)
+# Command-line overrides that apply to an evaluation of a saved run (eval_only); others are ignored.
+EVAL_MAY_CHANGE = (
+    "eval_only",
+    "eval_batch_size",
+    "eval_flip",
+    "data.eval_split",
+    "data.data_dir",
+    "data.manual_dir",
+    "data.cache",
+    "data.on_corrupt",
+)
+_CONFIG_FILE_RE = re.compile(r"config(?:\.(\d+))?\.json")
+
+
+def _flat(config: Mapping[str, Any]) -> dict[str, Any]:
+    """{"optim.learning_rate": 0.05, ...}: every leaf field of a config (lists as tuples)."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out.update({f"{key}.{k}": v for k, v in _flat(value).items()})
+        else:
+            out[key] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def config_changes(old: ConfigDict, new: ConfigDict) -> dict[str, tuple[Any, Any]]:
+    """{field: (old value, new value)} of the fields whose values differ."""
+    a, b = _flat(old.to_dict()), _flat(new.to_dict())
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def saved_config_path(workdir: str) -> str | None:
+    """The file of the config in effect in workdir: the newest config.<step>.json, else config.json; None."""
+    if not os.path.isdir(workdir):
+        return None
+    found = []
+    for name in os.listdir(workdir):
+        match = _CONFIG_FILE_RE.fullmatch(name)
+        if match:
+            found.append((-1 if match[1] is None else int(match[1]), os.path.join(workdir, name)))
+    return max(found)[1] if found else None
+
+
 def load_config(workdir: str) -> ConfigDict:
-    """The config a run saved in workdir/config.json."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: point --workdir at a directory that train.py wrote.")
-    with open(path, encoding="utf-8") as f:
-        return ConfigDict(json.load(f))
+    """The config a run in workdir uses now (its newest saved config), over this version's defaults."""
+    path = saved_config_path(workdir)
+    if path is None:
+        raise FileNotFoundError(
+            f"{os.path.join(workdir, CONFIG_FILE)} not found: point --workdir at a directory that train.py wrote."
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = _flat(json.load(f))
+    except ValueError as e:
+        raise config_lib.ConfigError(
+            f"{path}, the run's saved config, cannot be read ({e}); repair it, or give a new --workdir."
+        ) from e
+    config, unknown = config_lib.get_config(), []
+    for name, value in saved.items():
+        *parents, leaf = name.split(".")
+        node = config
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, ConfigDict) else None
+        if not isinstance(node, ConfigDict) or leaf not in node:
+            unknown.append(name)
+        else:
+            node[leaf] = tuple(value) if isinstance(node[leaf], tuple) and value is not None else value
+    if unknown:
+        metrics_lib.LOGGER.warning(f"{path}: ignored fields this version does not know: {', '.join(unknown)}.")
+    return config
 
 
-def save_config(config: ConfigDict, workdir: str) -> None:
-    """workdir/config.json (process 0), the config of the run beside its checkpoints."""
-    if metrics_lib.is_writer():
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+def run_config(workdir: str, overrides: Mapping[str, Any], *, eval_only: bool = False) -> ConfigDict:
+    """The saved config of the run in workdir with command-line `overrides` ({"data.eval_split": ...}) on top.
+
+    eval_only: only the overrides of EVAL_MAY_CHANGE apply; the others are named and ignored.
+    """
+    metrics_lib.setup_logging()
+    config = load_config(workdir)
+    ignored = [k for k in overrides if eval_only and k not in EVAL_MAY_CHANGE]
+    config.update_from_flattened_dict({k: v for k, v in overrides.items() if k not in ignored})
+    if eval_only:
+        config.eval_only = True
+        if ignored:
+            metrics_lib.LOGGER.warning(
+                f"eval_only evaluates with the run's saved config ({saved_config_path(workdir)}); ignored: "
+                + ", ".join(f"--config.{k}" for k in ignored)
+            )
+    return config
+
+
+def check_config_change(config: ConfigDict, workdir: str) -> None:
+    """Refuse (ConfigError), before any file is touched, a config that differs from the run's saved one
+    in more than RESUME_MAY_CHANGE, unless config.allow_config_change."""
+    if saved_config_path(workdir) is None:
+        return
+    changes = config_changes(load_config(workdir), config)
+    refused = {k: v for k, v in changes.items() if k not in RESUME_MAY_CHANGE}
+    if refused and not config.allow_config_change:
+        shown = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in list(refused.items())[:6])
+        more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
+        raise config_lib.ConfigError(
+            f"The config differs from the run's saved config ({saved_config_path(workdir)}) in {shown}{more}; "
+            "run with the saved config, give a new --workdir, or pass --config.allow_config_change=True to "
+            "continue this run with the new values."
+        )
+
+
+def save_config(config: ConfigDict, workdir: str, step: int = 0) -> str | None:
+    """Keep `config` in workdir (process 0): config.json for a new run; for a resumed run whose config
+    differs from the one in effect, config.<step>.json. Nothing is overwritten: a file of the same
+    name with other contents is renamed `<name>.replaced-<time>` first. Returns the path written, if any."""
+    if not metrics_lib.is_writer():
+        return None
+    os.makedirs(workdir, exist_ok=True)
+    if saved_config_path(workdir) is None:
+        path = os.path.join(workdir, CONFIG_FILE)
+    elif config_changes(load_config(workdir), config):
+        path = os.path.join(workdir, f"config.{step}.json")
+        if os.path.exists(path):
+            os.rename(path, f"{path}.replaced-{time.strftime('%Y%m%dT%H%M%S')}")
+    else:
+        return None
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+    return path
 
 
 # --------------------------------------------------------------------------------------
 # The loop
 
 
-class _Preemption:
-    """SIGTERM → stop after the current step with a checkpoint.
+def _stop_signal(step: int) -> signal.Signals | None:
+    """The signal that asks the run to stop after `step`, if any.
 
-    One process: a Python signal handler sets a flag. Several: JAX's preemption sync service
-    (started by jax.distributed) picks a step at which every process stops together.
+    One process: SIGINT or SIGTERM (gcp_jax.stopping). Several: JAX's preemption sync service
+    (started by jax.distributed) picks a step at which every process stops together on SIGTERM.
     """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
 
-    def __init__(self):
-        self._flag = threading.Event()
-        self._previous = None
+        return signal.SIGTERM if multihost_utils.reached_preemption_sync_point(step) else None
+    return stopping.requested()
 
-    def __enter__(self):
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
-        return self
 
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+def _total_over_processes(count: int) -> int:
+    """The sum of a per-process count over all processes (every process must call this)."""
+    if jax.process_count() == 1:
+        return int(count)
+    from jax.experimental import multihost_utils
 
-    def requested(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self._flag.is_set()
+    return int(np.sum(multihost_utils.process_allgather(np.int32(count))))
 
 
 def _train_record(run: Run, step: int, pending: list[dict], nonfinite: int) -> dict[str, float]:
@@ -429,21 +572,49 @@ def _train_record(run: Run, step: int, pending: list[dict], nonfinite: int) -> d
     return record
 
 
+def _evaluate(run: Run, state: TrainState, step: int, meta: dict[str, Any], writer) -> dict[str, float]:
+    """Evaluate at `step`: the eval record, the best and last eval in `meta`, one line of log."""
+    result = run.evaluate(state)
+    writer.write(step, run.config.data.eval_split, result)
+    if result["top1"] > meta["best_top1"]:
+        meta.update(best_top1=result["top1"], best_step=step)
+    meta["final"] = result
+    metrics_lib.log(f"eval step {step}: {metrics_lib.describe_eval(result)} (best top1 {meta['best_top1']:.4f})")
+    return result
+
+
+def _resume(run: Run, checkpoints: ckpt_lib.Checkpoints) -> tuple[TrainState, dict[str, Any]]:
+    """(state, meta) of the newest intact checkpoint (unfinished saves and damaged newer ones set aside),
+    or of step 0."""
+    restored = checkpoints.restore_newest_intact(run.abstract_state())
+    if restored is None:
+        return run.initial_state(), {"best_top1": -1.0, "best_step": -1, "final": None}
+    state, meta = restored
+    metrics_lib.log(f"resumed from step {int(state.step)} of {run.total_steps} ({checkpoints.directory})")
+    return state, meta
+
+
 def train_and_evaluate(config: ConfigDict, workdir: str, *, mesh=None) -> RunResult:
-    """Train (resuming from the latest checkpoint in workdir), evaluate, checkpoint."""
+    """Train (resuming from the newest intact checkpoint in workdir), evaluate, checkpoint.
+
+    Stops early, with a checkpoint, on SIGINT/SIGTERM (`RunResult.stopped_by`); a config that
+    differs from the run's saved one is refused unless only RESUME_MAY_CHANGE fields differ.
+    """
     metrics_lib.setup_logging()
     config_lib.validate(config)
+    check_config_change(config, workdir)
     run = Run(config, mesh)
     checkpoints = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
-    if checkpoints.latest_step() is None:
-        state, meta = run.initial_state(), {"best_top1": -1.0, "best_step": -1, "final": None}
-    else:
-        state, meta = checkpoints.restore(run.abstract_state())
-        metrics_lib.log(f"resumed from step {int(state.step)} of {run.total_steps} ({checkpoints.directory})")
-    save_config(config, workdir)
+    try:
+        state, meta = _resume(run, checkpoints)
+    except BaseException:
+        checkpoints.close()
+        raise
     start = int(state.step)
+    save_config(config, workdir, start)
     if start >= run.total_steps:
         metrics_lib.log(f"the run in {workdir} is already complete; give a new --workdir to train again.")
+    batches = run.train_batches(start)
     writer = metrics_lib.MetricsWriter(workdir, start_step=start)
     metrics_lib.log(
         f"{config.model.arch}/{config.model.head} on {config.data.name}: {run.num_classes} classes, "
@@ -451,13 +622,20 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, mesh=None) -> RunRes
         f"batch {config.batch_size} over {run.mesh.devices.size} devices, {jax.process_count()} processes"
     )
     progress = metrics_lib.Progress(run.total_steps, start, config.batch_size)
-    pending, preempted = [], False
-    batches = run.train_batches(start)
-    try:
-        with _Preemption() as preemption:
+    skipped_before = (writer.last("train") or {}).get("skipped_images", 0)
+    eval_allowance = 1 + math.ceil(run.info.num_eval / config.batch_size)  # eval steps, in train-step timeouts
+    pending, stopped_by = [], None
+    with stopping.Watchdog(config.step_timeout_s) as watchdog, contextlib.ExitStack() as graceful:
+        try:
             for step in range(start + 1, run.total_steps + 1):
                 batch = sharding.global_batch(next(batches), run.mesh)
                 state, step_metrics = run.train_step(state, batch)
+                if step == start + 1:  # compiled and done: from here on a signal stops at a step boundary
+                    jax.block_until_ready(state)
+                    progress.start(step)
+                    if jax.process_count() == 1:
+                        graceful.enter_context(stopping.graceful())
+                watchdog.kick()
                 if (
                     config.spectrum_every_steps
                     and config.model.head == "gcp"
@@ -465,10 +643,13 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, mesh=None) -> RunRes
                 ):
                     writer.write(step, "spectrum", run.spectrum_summary(state, batch))
                 pending.append(step_metrics)
-                preempted = preemption.requested(step)
-                if step % config.log_every_steps == 0 or step == run.total_steps or preempted:
+                stopped_by = _stop_signal(step) if step < run.total_steps else None  # the last step: done
+                if step % config.log_every_steps == 0 or step == run.total_steps or stopped_by:
                     record = _train_record(run, step, pending, int(jax.device_get(state.nonfinite)))
-                    record["images_per_s"] = progress.update(step, {k: record[k] for k in ("loss", "top1", "lr")})
+                    record["skipped_images"] = skipped_before + _total_over_processes(batches.num_skipped)
+                    rate = progress.update(step, {k: record[k] for k in ("loss", "top1", "lr")})
+                    if rate is not None:
+                        record["images_per_s"] = rate
                     writer.write(step, "train", record)
                     pending = []
                     if record["nonfinite_steps"] > config.max_nonfinite_steps:
@@ -479,35 +660,26 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, mesh=None) -> RunRes
                         )
                 eval_metrics, pause_start = None, time.perf_counter()
                 if run.is_eval_step(step):
-                    eval_metrics = run.evaluate(state)
-                    writer.write(step, config.data.eval_split, eval_metrics)
-                    if eval_metrics["top1"] > meta["best_top1"]:
-                        meta.update(best_top1=eval_metrics["top1"], best_step=step)
-                    meta["final"] = eval_metrics
-                    metrics_lib.log(
-                        f"eval step {step}: {metrics_lib.describe_eval(eval_metrics)} "
-                        f"(best top1 {meta['best_top1']:.4f})"
-                    )
+                    watchdog.kick(eval_allowance)
+                    eval_metrics = _evaluate(run, state, step, meta, writer)
                 periodic = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-                if eval_metrics is not None or preempted or step == run.total_steps or periodic:
-                    checkpoints.save(step, state, meta, metrics=eval_metrics)
-                    progress.exclude(time.perf_counter() - pause_start)
-                if preempted:
-                    metrics_lib.log(
-                        f"SIGTERM: stopped at step {step} with a checkpoint; run the same command to resume."
-                    )
+                if eval_metrics is not None or stopped_by or step == run.total_steps or periodic:
+                    watchdog.kick(eval_allowance)
+                    checkpoints.save(step, state, meta, score=eval_metrics["top1"] if eval_metrics else None)
+                progress.exclude(time.perf_counter() - pause_start)
+                if stopped_by:
                     break
-    finally:
-        progress.close()
-        checkpoints.wait()
-        checkpoints.close()
-        writer.close()
+        finally:
+            progress.close()
+            watchdog.kick(eval_allowance)
+            checkpoints.close()
+            writer.close()
     return RunResult(
         step=int(state.step),
         final=meta["final"],
         best_top1=meta["best_top1"],
         best_step=meta["best_step"],
-        preempted=preempted,
+        stopped_by=stopped_by,
         state=state,
         workdir=os.path.abspath(workdir),
         checkpoints=checkpoints.directory,
@@ -515,7 +687,12 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, mesh=None) -> RunRes
 
 
 def evaluate_checkpoint(config: ConfigDict, workdir: str, *, mesh=None) -> RunResult:
-    """Evaluate the latest checkpoint of workdir on the eval split (config.eval_only)."""
+    """Evaluate the latest checkpoint of workdir on config's eval split (config.eval_only); without
+    one, the weight file of config.model.pretrained as loaded (`evaluate_weights`).
+
+    `config` should be the run's own: `run_config(workdir, overrides, eval_only=True)`. The eval
+    record is appended to metrics.jsonl as split "<eval_split>_eval_only".
+    """
     if config.model.pretrained and not has_checkpoint(workdir):  # none: the weight file as loaded
         return evaluate_weights(config, workdir, mesh=mesh)
     metrics_lib.setup_logging()
@@ -533,7 +710,7 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str, *, mesh=None) -> RunRe
         final=result,
         best_top1=meta.get("best_top1", -1.0),
         best_step=meta.get("best_step", -1),
-        preempted=False,
+        stopped_by=None,
         state=state,
         workdir=os.path.abspath(workdir),
         checkpoints=os.path.join(os.path.abspath(workdir), ckpt_lib.CHECKPOINT_DIR),
@@ -622,7 +799,7 @@ def evaluate_weights(config: ConfigDict, workdir: str, *, mesh=None) -> RunResul
         final=result,
         best_top1=-1.0,
         best_step=-1,
-        preempted=False,
+        stopped_by=None,
         state=state,
         workdir=os.path.abspath(workdir),
         checkpoints="",

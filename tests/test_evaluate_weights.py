@@ -5,9 +5,9 @@ import os
 import jax
 import numpy as np
 import pytest
+import tiny_config as tiny
 import torch
 from flax import traverse_util
-from test_training_loop import tiny_config
 
 from gcp_jax import metrics, pretrained, training
 
@@ -62,7 +62,7 @@ def save_main_py_checkpoint(variables, path, arch="mpncovresnet50"):
 @pytest.fixture(scope="module")
 def released(data_dir, tmp_path_factory):
     """(config, variables, path) of a 4-class main.py checkpoint of the tiny config's model."""
-    config = tiny_config(data_dir)
+    config = tiny.get_config(data_dir)
     config.eval_only, config.eval_flip = True, True
     variables = trained_variables(config, num_classes=4)
     path = save_main_py_checkpoint(variables, tmp_path_factory.mktemp("weights") / "model_best.pth.tar")

@@ -6,8 +6,8 @@ import signal
 import jax
 import numpy as np
 import pytest
+import tiny_config as tiny
 
-from configs import demo
 from gcp_jax import data, metrics, training
 
 
@@ -33,16 +33,22 @@ def compilation_cache(tmp_path_factory):
         jax.config.update(name, value)
 
 
-def tiny_config(data_dir):
-    """resnet_tiny + 8-d SEB head, 4 classes x 8 train / 5 test images of 32 px: 4 steps per epoch."""
-    c = demo.get_config()
-    c.data.data_dir = data_dir
-    c.data.synthetic.update(num_classes=4, train_per_class=8, test_per_class=5, image_size=32)
-    c.data.resize_size = c.data.image_size = 32
-    c.gcp.dim = 8
-    c.batch_size = c.eval_batch_size = 8
-    c.num_epochs, c.log_every_steps = 2, 2
-    return c
+real_train_batches = data.train_batches
+
+
+class Batches:
+    """The real training batches of `data.train_batches(*args, **kwargs)`, each passed through `change(i, batch)`."""
+
+    def __init__(self, change, *args, **kwargs):
+        self._batches, self._change, self._count = real_train_batches(*args, **kwargs), change, 0
+
+    @property
+    def num_skipped(self):
+        return self._batches.num_skipped
+
+    def __next__(self):
+        self._count += 1
+        return self._change(self._count, next(self._batches))
 
 
 def params_of(result):
@@ -54,22 +60,19 @@ def eval_records(workdir):
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(data_dir, tmp_path, monkeypatch):
-    config = tiny_config(data_dir)
+    config = tiny.get_config(data_dir)
     full = training.train_and_evaluate(config, str(tmp_path / "full"))
     assert full.step == 8 and not full.preempted
 
-    real_batches = data.train_batches
+    def sigterm_at_3(i, batch):  # SIGTERM arrives while step 3 is being fed
+        if i == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch
 
-    def preempted_after_3(*args, **kwargs):  # SIGTERM arrives while step 3 is being fed
-        for i, batch in enumerate(real_batches(*args, **kwargs)):
-            if i == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-            yield batch
-
-    monkeypatch.setattr(data, "train_batches", preempted_after_3)
+    monkeypatch.setattr(data, "train_batches", lambda *a, **k: Batches(sigterm_at_3, *a, **k))
     first = training.train_and_evaluate(config, str(tmp_path / "resumed"))
-    assert first.preempted and first.step == 3
-    monkeypatch.setattr(data, "train_batches", real_batches)
+    assert first.stopped_by == signal.SIGTERM and first.step == 3
+    monkeypatch.setattr(data, "train_batches", real_train_batches)
     resumed = training.train_and_evaluate(config, str(tmp_path / "resumed"))
     assert resumed.step == 8 and not resumed.preempted
 
@@ -80,22 +83,22 @@ def test_interrupted_and_resumed_equals_uninterrupted(data_dir, tmp_path, monkey
     assert os.path.exists(tmp_path / "full" / "config.json")
     assert os.listdir(tmp_path / "full" / "tensorboard")
 
-    # eval_only evaluates the latest checkpoint: the same numbers as the run's final eval.
-    config.eval_only = True
-    again = training.evaluate_checkpoint(config, str(tmp_path / "full"))
+    # eval_only evaluates the latest checkpoint with the run's saved config: the run's final eval.
+    overrides = {"eval_only": True, "gcp.dim": 16, "data.eval_split": "test"}  # gcp.dim: not for eval, ignored
+    eval_config = training.run_config(str(tmp_path / "full"), overrides, eval_only=True)
+    assert eval_config.gcp.dim == 8 and eval_config.eval_only
+    again = training.evaluate_checkpoint(eval_config, str(tmp_path / "full"))
     assert again.step == 8 and again.final == full.final
-    assert again.final["count"] == 20  # 4 classes x 5 test images, each counted once
+    assert again.final["count"] == 20 and again.final["skipped_images"] == 0  # 4 classes x 5 images, once each
+    assert metrics.read_metrics(tmp_path / "full")[-1] == {"step": 8, "split": "test_eval_only", **full.final}
 
 
 def test_nonfinite_steps_stop_the_run(data_dir, tmp_path, monkeypatch):
-    real_batches = data.train_batches
+    def nan_images(i, batch):
+        return {**batch, "image": np.full_like(batch["image"], np.nan)}
 
-    def nan_batches(*args, **kwargs):
-        for batch in real_batches(*args, **kwargs):
-            yield {**batch, "image": np.full_like(batch["image"], np.nan)}
-
-    monkeypatch.setattr(data, "train_batches", nan_batches)
-    config = tiny_config(data_dir)
+    monkeypatch.setattr(data, "train_batches", lambda *a, **k: Batches(nan_images, *a, **k))
+    config = tiny.get_config(data_dir)
     config.max_nonfinite_steps = 3
     with pytest.raises(training.NonFiniteError, match=r"Stopped at step 4: 4 steps .*max_nonfinite_steps=3"):
         training.train_and_evaluate(config, str(tmp_path))
@@ -120,7 +123,7 @@ def test_pretrained_backbone_is_loaded(data_dir, tmp_path):
     path = str(tmp_path / "resnet_tiny.safetensors")
     save_file(state_dict, path)
 
-    config = tiny_config(data_dir)
+    config = tiny.get_config(data_dir)
     config.model.pretrained = path
     state = training.Run(config).initial_state()
     np.testing.assert_array_equal(
