@@ -6,8 +6,9 @@ from gcp_jax import cpu_tuning
 
 if __name__ == "__main__":
     cpu_tuning.tune_process()  # before numpy and JAX start their threads
-    # Process-wide JAX set-up shared by every benchmark belongs here, before bench.cli imports JAX
-    # (e.g. the persistent compilation cache, once gcp_jax has its helper).
+    from gcp_jax import compile_cache
+
+    compile_cache.enable()  # as train.py: compiled programs reused across runs (JAX_COMPILATION_CACHE_DIR moves it)
     from bench import cli
 
     sys.exit(cli.main(sys.argv[1:]))

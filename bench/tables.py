@@ -264,12 +264,43 @@ def device_check_tables(rec: dict) -> dict[str, str]:
     }
 
 
+# ----------------------------------------------------------------------------------------------
+# bench.startup
+
+
+def startup_tables(rec: dict) -> dict[str, str]:
+    """Table "starts": seconds from launch to the first training step, first start against restarts."""
+    rows = [
+        (
+            r["arch"],
+            r["image_size"],
+            r["batch"],
+            r["start"],
+            fixed(r["seconds"], 1),
+            f"**{r['speed_up']:.1f}×**",
+            ", ".join(f"{s:.1f}" for s in r.get("all_seconds", [r["seconds"]])),
+        )
+        for r in rec["rows"]
+    ]
+    header = (
+        "backbone + SEB",
+        "px",
+        "batch",
+        "start",
+        "to first step (s)",
+        "× sooner than first start",
+        "each repeat (s)",
+    )
+    return {"starts": markdown(header, rows) + f"\n\nimports alone: {rec['imports_s']:.1f} s"}
+
+
 RENDERERS: dict[str, Callable[[dict], dict[str, str]]] = {
     "spectral": spectral_tables,
     "train_step": train_step_tables,
     "conv_kernels": conv_kernels_tables,
     "input_pipeline": input_pipeline_tables,
     "device_check": device_check_tables,
+    "startup": startup_tables,
 }
 
 

@@ -29,8 +29,8 @@ import optax
 from ml_collections import ConfigDict
 
 from gcp_jax import checkpoint as ckpt_lib
+from gcp_jax import compile_cache, data, models, optim, sharding, spectrum, stopping
 from gcp_jax import config as config_lib
-from gcp_jax import data, models, optim, sharding, spectrum, stopping
 from gcp_jax import metrics as metrics_lib
 
 if TYPE_CHECKING:
@@ -74,10 +74,12 @@ class RunResult:
 
 
 def configure_jax(config: ConfigDict) -> None:
-    """Process-wide JAX settings a run of `config` needs: 64-bit types for a float64 head or backbone.
+    """Process-wide JAX settings a run of `config` needs: the persistent compilation cache
+    (config.compile_cache_dir) and 64-bit types for a float64 head or backbone.
 
     Called by the entry points (train.py, the analysis CLI) before anything is traced.
     """
+    compile_cache.enable(config.compile_cache_dir)
     if "float64" in (config.gcp.dtype, config.model.dtype):
         jax.config.update("jax_enable_x64", True)
 
@@ -404,6 +406,7 @@ RESUME_MAY_CHANGE = (
     "eval_flip",
     "eval_only",
     "allow_config_change",
+    "compile_cache_dir",
     "data.data_dir",
     "data.manual_dir",
     "data.cache",
@@ -411,6 +414,7 @@ RESUME_MAY_CHANGE = (
 # Command-line overrides that apply to an evaluation of a saved run (eval_only); others are ignored.
 EVAL_MAY_CHANGE = (
     "eval_only",
+    "compile_cache_dir",
     "eval_batch_size",
     "eval_flip",
     "data.eval_split",

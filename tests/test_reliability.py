@@ -47,20 +47,9 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory):
-    """One persistent compilation cache for this process and every subprocess."""
-    path = str(tmp_path_factory.mktemp("jax_cache"))
-    names = {
-        "jax_compilation_cache_dir": path,
-        "jax_persistent_cache_min_compile_time_secs": 0,
-        "jax_persistent_cache_min_entry_size_bytes": 0,
-    }
-    saved = {name: getattr(jax.config, name) for name in names}
-    for name, value in names.items():
-        jax.config.update(name, value)
-    yield path
-    for name, value in saved.items():
-        jax.config.update(name, value)
+def jax_cache():
+    """The session's persistent compilation cache (tests/conftest.py), shared with every subprocess."""
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -128,12 +117,9 @@ class Process:
     """tests/faulty_train.py on the tiny config (its output collected line by line); `jax_cache` None: no cache."""
 
     def __init__(self, workdir, data_dir, jax_cache, *flags, fault="none"):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the devices of this process (XLA_FLAGS)
-        if jax_cache:
-            env["JAX_COMPILATION_CACHE_DIR"] = jax_cache
-            env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the devices and the compile cache of this process
         command = [sys.executable, FAULTY_TRAIN, fault, "--config", f"{TINY_CONFIG}:{data_dir}"]
-        command += ["--workdir", str(workdir), *flags]
+        command += ["--workdir", str(workdir), *flags, f"--config.compile_cache_dir={jax_cache or ''}"]
         self._popen = subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )

@@ -7,7 +7,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "gcp_jax"
 
 # Bottom to top; a module may import its own component and any component of a lower layer.
 LAYERS = (
-    ("checks", "imagenet", "cpu_tuning", "batched_eigh", "stopping"),
+    ("checks", "imagenet", "cpu_tuning", "batched_eigh", "stopping", "compile_cache"),
     ("linalg", "layers", "sharding", "metrics", "checkpoint", "optim"),
     ("pooling", "spectrum"),
     ("models",),

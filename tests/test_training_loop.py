@@ -16,23 +16,6 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Each run jits its own steps; a persistent cache lets the later runs reuse the first's executables."""
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    saved = {name: getattr(jax.config, name) for name in names}
-    jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update(names[1], 0)
-    jax.config.update(names[2], 0)
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-
-
 real_train_batches = data.train_batches
 
 
