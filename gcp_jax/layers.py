@@ -5,7 +5,7 @@ and TPUs keep XLA's native convolutions and pooling (cuDNN, the TPU's convolutio
 are already fast there. The choice is made when tracing, not per lowering: a
 `lax.platform_dependent` carries both variants through tracing and differentiation, a third of
 the time it takes to trace an EfficientNet train step, paid again at every start of a run. (A
-program lowered for an accelerator from a CPU-only host so carries the CPU variants: same values.)
+program lowered for an accelerator from a CPU-only host then carries the CPU variants: same values.)
 
 XLA's CPU backend differentiates a convolution's kernel by a convolution over batch-transposed
 copies of the activations, runs depthwise convolutions at a fraction of memory speed, and
