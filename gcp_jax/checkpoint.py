@@ -150,6 +150,16 @@ class _NoDiskFullReports(logging.Filter):
         return DISK_FULL not in f"{record.getMessage()} {error}"
 
 
+class _NoLeftoverReadTasks(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" about TensorStore reads of a damaged
+    checkpoint: the restore that failed already said so (set aside, or an error naming it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        leftover = "never retrieved" in str(record.msg) and any(s in str(error) for s in ('"zarr" driver', "OCDBT"))
+        return not leftover
+
+
 def _is_orbax_leftover(unraisable) -> bool:
     """Whether an unraisable error is an echo of a failed Orbax operation, already reported by its caller.
 
@@ -172,6 +182,9 @@ def _quiet_orbax_failures() -> None:
     orbax_log = logging.getLogger("absl")  # Orbax logs through absl.logging
     if not any(isinstance(f, _NoDiskFullReports) for f in orbax_log.filters):
         orbax_log.addFilter(_NoDiskFullReports())
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _NoLeftoverReadTasks) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_NoLeftoverReadTasks())
     previous = sys.unraisablehook
     if getattr(previous, "quiets_orbax", False):
         return

@@ -319,8 +319,9 @@ def test_damaged_newest_checkpoint_is_set_aside(damage, tmp_path, data_dir, refe
     damage(os.path.join(workdir, "checkpoints", "8"))
     with caplog.at_level("WARNING", logger="gcp_jax"):
         assert_same_end(workdir, data_dir, reference)
-    warnings = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
     assert len(warnings) == 1 and "step 8" in warnings[0] and "does not fit" not in warnings[0]
+    assert not [r for r in caplog.records if r.name == "asyncio"], "Orbax's leftover read tasks are not reported"
     (aside,) = glob.glob(os.path.join(workdir, "checkpoints", f"8{ckpt_lib.DAMAGED_SUFFIX}*"))
     assert aside in warnings[0] and os.listdir(os.path.join(aside, "state"))
 
