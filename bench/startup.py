@@ -33,6 +33,7 @@ import time
 from bench import common
 
 FIRST_STEP_TIMEOUT_S = 1200
+BATCH = 4
 
 
 def train_flags(arch: str, image_size: int, data_dir: str) -> list[str]:
@@ -48,8 +49,8 @@ def train_flags(arch: str, image_size: int, data_dir: str) -> list[str]:
         "--config.data.synthetic.test_per_class=2",
         f"--config.data.resize_size={image_size}",
         f"--config.data.image_size={image_size}",
-        "--config.batch_size=4",
-        "--config.eval_batch_size=4",
+        f"--config.batch_size={BATCH}",
+        f"--config.eval_batch_size={BATCH}",
         "--config.num_epochs=1000",
         "--config.log_every_steps=1",
         "--config.spectrum_every_steps=0",
@@ -59,7 +60,13 @@ def train_flags(arch: str, image_size: int, data_dir: str) -> list[str]:
 def prepare_data(data_dir: str) -> None:
     """Generate the data set once, untimed (each timed process then only opens it)."""
     subprocess.run(
-        [sys.executable, "train.py", *train_flags("resnet_tiny", 64, data_dir), "--config.num_train_steps=1"],
+        [
+            sys.executable,
+            "train.py",
+            *train_flags("resnet_tiny", 64, data_dir),
+            "--config.num_train_steps=1",
+            "--config.compile_cache_dir=",  # leaves the user's compile cache alone
+        ],
         cwd=common.ROOT,
         check=True,
         capture_output=True,
@@ -79,28 +86,29 @@ def train_steps(workdir: str) -> list[int]:
 def time_to_first_step(flags: list[str], workdir: str) -> tuple[float, int]:
     """(seconds from launch to the run's first newly recorded step, that step); then SIGTERM and wait."""
     known = len(train_steps(workdir))
-    start = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "train.py", *flags, "--workdir", workdir],
-        cwd=common.ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        while len(steps := train_steps(workdir)) == known:
-            if process.poll() is not None:
-                raise RuntimeError(f"train.py exited with {process.returncode} before a step:\n{process.stderr.read()}")
-            if time.perf_counter() - start > FIRST_STEP_TIMEOUT_S:
-                raise TimeoutError(f"no training step within {FIRST_STEP_TIMEOUT_S} s")
-            time.sleep(0.05)
-        elapsed = time.perf_counter() - start
-        process.send_signal(signal.SIGTERM)  # checkpoints at the next step boundary, exits 143
-        process.communicate(timeout=FIRST_STEP_TIMEOUT_S)
-        return elapsed, steps[known]
-    finally:
-        if process.poll() is None:
-            process.kill()
+    with tempfile.TemporaryFile("w+") as stderr:  # a file, not a pipe: a long stderr cannot block the run
+        start = time.perf_counter()
+        process = subprocess.Popen(
+            [sys.executable, "train.py", *flags, "--workdir", workdir],
+            cwd=common.ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        try:
+            while len(steps := train_steps(workdir)) == known:
+                if process.poll() is not None:
+                    stderr.seek(0)
+                    raise RuntimeError(f"train.py exited with {process.returncode} before a step:\n{stderr.read()}")
+                if time.perf_counter() - start > FIRST_STEP_TIMEOUT_S:
+                    raise TimeoutError(f"no training step within {FIRST_STEP_TIMEOUT_S} s")
+                time.sleep(0.05)
+            elapsed = time.perf_counter() - start
+            process.send_signal(signal.SIGTERM)  # checkpoints at the next step boundary, exits 143
+            process.wait(timeout=FIRST_STEP_TIMEOUT_S)
+            return elapsed, steps[known]
+        finally:
+            if process.poll() is None:
+                process.kill()
 
 
 def time_imports() -> float:
@@ -132,7 +140,7 @@ def rows_of(arch: str, image_size: int, repeats: list[dict[str, float]]) -> list
         {
             "arch": arch,
             "image_size": image_size,
-            "batch": 4,
+            "batch": BATCH,
             "start": start,
             "seconds": fastest[start],
             "speed_up": fastest["first start"] / fastest[start],

@@ -17,7 +17,7 @@ from typing import Any
 
 from ml_collections import config_dict
 
-from gcp_jax import checks, linalg, models, optim, pooling
+from gcp_jax import checks, compile_cache, linalg, models, optim, pooling
 
 HEADLINE_ARCH = "efficientnet_b5"  # backbone of the protocol configs; "resnet50" is the other variant
 ISQRT_VARIANT = "isqrt_resnet50"  # Aircraft/CUB/Cars variant: fast-MPN-COV's fine-tuning of mpncovresnet50
@@ -48,7 +48,7 @@ def get_config() -> config_dict.ConfigDict:
     c.spectrum_every_steps = 500  # Spectrum summary of the train batch to TensorBoard every N steps; 0 = off.
     c.max_nonfinite_steps = 20  # Steps with a non-finite loss/gradient are skipped; more than this stops the run.
     c.step_timeout_s = 1800  # Watchdog: no train step done in this many seconds -> dump all stacks, exit 124; 0 = off.
-    c.compile_cache_dir = "auto"  # Compiled steps reused by later runs (gcp_jax.compile_cache); a directory; "" = off.
+    c.compile_cache_dir = compile_cache.DEFAULT  # Compiled steps kept for later runs; a directory; "" = off.
     c.allow_config_change = False  # Resume although the model/data/optimiser fields differ from the run's saved config.
 
     # --- model (gcp_jax.models.create_model) ----------------------------------------------
