@@ -7,6 +7,9 @@ under `jit`, `vmap` and `grad`. The math is docs/method.md §2–§4:
   (Loewner) formula (the default: finite on ties, no 1/(λi − λj)) or by one of the papers'
   eigen-level gradients (`ordinary`, `pade`, `taylor`, `trunc`) or the Newton–Schulz VJP
   (`newton`), for ablations.
+* `mpa_sqrtm` (MPA-Lya) and `isice` are the matmul-only members of the family (§2e, §2f): no
+  eigendecomposition at all, differentiated by a Lyapunov solver and by autodiff through
+  Newton–Schulz steps with a hand-written VJP.
 * Small eigenvalues are clamped to `eps`; the clamp is straight-through in every backward pass.
   Default eps: float64 uses machine epsilon (as the reference code); lower precisions use
   ε·λ_max per sample (the noise floor of `eigh`), so that rank-deficient covariances keep
@@ -30,10 +33,12 @@ import numpy as np
 from gcp_jax import batched_eigh, checks
 
 HIGHEST = jax.lax.Precision.HIGHEST
-NORMS = ("sqrt", "seb", "isqrt", "none")
+NORMS = ("sqrt", "seb", "isqrt", "mpa", "isice", "none")
 SQRTM_GRADS = ("exact", "ordinary", "pade", "taylor", "trunc", "newton")
 SEB_VARIANTS = ("code", "a", "b")
 SPECTRAL_DTYPES = ("float32", "float64")
+MPA_APPROXIMANTS = ("pade", "taylor")
+ISICE_ROOT_ITERS = 7  # Newton–Schulz iterations of each inverse root inside iSICE, as released
 _K_GRADS = ("ordinary", "pade", "taylor", "trunc")
 _GRAD_FIELDS = ("grad", "eps", "topn", "taylor_degree", "trunc_threshold", "newton_iters")
 
@@ -56,6 +61,11 @@ class SpectralOptions:
     newton_iters: int = 10
     taylor_degree: int = 100
     trunc_threshold: float = 1e10
+    mpa_approximant: str = "pade"
+    mpa_lyapunov_iters: int = 8
+    isice_steps: int = 5
+    isice_lr: float = 5.0
+    isice_sparsity: float = 0.01
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -102,6 +112,26 @@ def spectral_problems(fields: Mapping, *, also_known: tuple[str, ...] = ()) -> l
     threshold = get("trunc_threshold")
     if not (isinstance(threshold, numbers.Real) and threshold > 0):
         problems.append(f"trunc_threshold={threshold!r} must be positive.")
+    problems += _mpa_problems(get("mpa_approximant"), get("mpa_lyapunov_iters"), prefix="mpa_")
+    return problems + _isice_problems(get("isice_steps"), get("isice_lr"), get("isice_sparsity"), prefix="isice_")
+
+
+def _mpa_problems(approximant, lyapunov_iters, prefix="") -> list[str]:
+    problems = _at_least(f"{prefix}lyapunov_iters", lyapunov_iters, 1)
+    if approximant not in MPA_APPROXIMANTS:
+        problems.append(checks.not_one_of(f"{prefix}approximant", approximant, MPA_APPROXIMANTS))
+    return problems
+
+
+def _isice_problems(steps, lr, sparsity, prefix="") -> list[str]:
+    # Two steps at least: the step size decays as 1 − i/(steps − 1), undefined for one step.
+    problems = _at_least(f"{prefix}steps", steps, 2)
+    for name, value, ok, rule in (
+        ("lr", lr, lambda v: v > 0, "positive"),
+        ("sparsity", sparsity, lambda v: v >= 0, "0 or more"),
+    ):
+        if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and ok(value)):
+            problems.append(f"{prefix}{name}={value!r} must be a number, {rule}.")
     return problems
 
 
@@ -161,6 +191,21 @@ def triu_vec(m):
     return m[..., rows, cols]
 
 
+def _floored(x):
+    """x where above a tiny floor, else the floor: a safe divisor (traces and norms of zero matrices).
+
+    `where`, not `maximum`: the unused branch's NaN derivative is dropped. The floor keeps x²
+    normal in float32, so that no backward pass sees 0/0.
+    """
+    floor = max(1e-20, float(np.sqrt(jnp.finfo(x.dtype).tiny)))
+    return jnp.where(x > floor, x, floor)
+
+
+def _eye_like(a):
+    """The identity broadcast to a's batch shape, in a's dtype."""
+    return jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=a.dtype), a.shape)
+
+
 def newton_schulz_sqrtm(a, *, iters=SpectralOptions.isqrt_iters):
     """iSQRT-COV: coupled Newton–Schulz square root with trace normalisation (docs/method.md §2b).
 
@@ -169,13 +214,9 @@ def newton_schulz_sqrtm(a, *, iters=SpectralOptions.isqrt_iters):
     """
     a = _as_square(a, "newton_schulz_sqrtm")
     checks.raise_if_any(_at_least("iters", iters, 1), "newton_schulz_sqrtm")
-    trace = jnp.trace(a, axis1=-2, axis2=-1)[..., None, None]
-    # Guard 0 traces with `where`, not `maximum`: the unused branch's NaN derivative is dropped.
-    # The floor keeps trace² normal in float32, so that the backward pass never sees 0/0.
-    floor = max(1e-20, float(np.sqrt(jnp.finfo(a.dtype).tiny)))
-    trace = jnp.where(trace > floor, trace, floor)
+    trace = _floored(jnp.trace(a, axis1=-2, axis2=-1)[..., None, None])
     y = a / trace
-    eye = jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=a.dtype), a.shape)
+    eye = _eye_like(a)
     z = eye
     for step in range(iters):
         t = 0.5 * (3.0 * eye - _mm(z, y))
@@ -291,18 +332,35 @@ _spectral_exact.defvjp(_spectral_exact_fwd, _spectral_exact_bwd)
 
 
 @functools.cache
+def series_coefficients(name: str, order: int, pade_degrees: tuple[int, int] | None = None, *, digits: int):
+    """Taylor coefficients at 0 of "geometric" 1/(1−x), "sqrt" √(1−x) or "inverse_sqrt" 1/√(1−x).
+
+    As the papers' code builds them: mpmath at `digits` digits, `mpmath.taylor` to `order`
+    (numerical differentiation), then `mpmath.pade` of `pade_degrees` (m, n) if given. Returns
+    the Taylor coefficients, or the Padé (p, q), in ascending powers, rounded to float64.
+    """
+    import mpmath
+
+    functions = {
+        "geometric": lambda x: 1 / (1 - x),
+        "sqrt": lambda x: mpmath.sqrt(1 - x),
+        "inverse_sqrt": lambda x: 1 / mpmath.sqrt(1 - x),
+    }
+    with mpmath.workdps(digits):
+        series = mpmath.taylor(functions[name], 0, order)
+        if pade_degrees is None:
+            return np.array([float(c) for c in series])
+        p, q = mpmath.pade(series, *pade_degrees)
+    return np.array([float(c) for c in p]), np.array([float(c) for c in q])
+
+
 def pade_coefficients():
     """[50/50] Padé approximant of the degree-100 Taylor series of 1/(1−x), as SVD-Padé builds it.
 
     mpmath at 20 digits, numerical Taylor coefficients (exact ones make the system singular:
     1/(1−x) is itself rational). Returns (p, q) in ascending powers, float64.
     """
-    import mpmath
-
-    with mpmath.workdps(20):
-        series = mpmath.taylor(lambda x: 1 / (1 - x), 0, 100)
-        p, q = mpmath.pade(series, 50, 50)
-    return np.array([float(c) for c in p]), np.array([float(c) for c in q])
+    return series_coefficients("geometric", 100, (50, 50), digits=20)
 
 
 def _polyval_ascending(coefficients, x):
@@ -387,6 +445,194 @@ _sqrtm_newton_grad.defvjp(_sqrtm_newton_grad_fwd, _sqrtm_newton_grad_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
+# MPA-Lya: matrix Padé (or Taylor) square root, Lyapunov backward by coupled Newton–Schulz
+
+
+def _matrix_polynomials(z, *coefficient_lists):
+    """Σ_k c_k z^k for each list of ascending coefficients, sharing the powers of z, in z's dtype."""
+    eye = _eye_like(z)
+    degree = max(map(len, coefficient_lists)) - 1
+    sums = [float(c[0]) * eye for c in coefficient_lists]  # Python floats: weakly typed, z's dtype
+    power = z
+    for k in range(1, degree + 1):
+        sums = [s + float(c[k]) * power if k < len(c) else s for s, c in zip(sums, coefficient_lists)]
+        if k < degree:
+            power = _mm(power, z)
+    return sums
+
+
+def _frobenius(a):
+    return jnp.sqrt(jnp.sum(a * a, axis=(-2, -1), keepdims=True))
+
+
+def _mpa_forward(a, approximant, inverse):
+    """(A/‖A‖_F)^{±1/2} by the [5/5] Padé approximant (or 10-term Taylor) of (1 − z)^{±1/2} at Z = I − A/‖A‖_F."""
+    norm = _floored(_frobenius(a))
+    z = _eye_like(a) - a / norm
+    if approximant == "taylor":
+        (root,) = _matrix_polynomials(z, series_coefficients("inverse_sqrt" if inverse else "sqrt", 10, digits=32))
+    else:
+        p, q = _matrix_polynomials(z, *series_coefficients("sqrt", 10, (5, 5), digits=32))
+        root = jnp.linalg.solve(p, q) if inverse else jnp.linalg.solve(q, p)  # P⁻¹Q or Q⁻¹P
+    return root, norm
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _mpa(a, approximant, inverse, lyapunov_iters):
+    return _mpa_fwd(a, approximant, inverse, lyapunov_iters)[0]
+
+
+def _mpa_fwd(a, approximant, inverse, lyapunov_iters):
+    root, norm = _mpa_forward(a, approximant, inverse)
+    out = root / jnp.sqrt(norm) if inverse else root * jnp.sqrt(norm)
+    return out, (out, norm)
+
+
+def _mpa_bwd(approximant, inverse, lyapunov_iters, residuals, g):
+    """∂L/∂A = X with R X + X R = G (R = the root), by the coupled Newton–Schulz sign iteration.
+
+    The sign iteration of [[B, C], [0, −B]] drives B to I and C to 2X when B = R/s has its
+    eigenvalues in (0, √2): s = √‖A‖_F for the root, ‖R‖_F per sample for the inverse root,
+    whose cotangent is first mapped through d(A⁻¹) = −A⁻¹ dA A⁻¹ (A⁻¹ = R²).
+    """
+    root, norm = residuals
+    if inverse:
+        # With R = s·B: −A⁻¹ G A⁻¹ / s = −s³ B² G B², free of the overflow of forming A⁻¹ = R² first.
+        scale = _floored(_frobenius(root))
+        b = root / scale
+        b2 = _mm(b, b)
+        c = -(scale**3) * _mm(b2, _mm(g, b2))
+    else:
+        scale = jnp.sqrt(norm)
+        b, c = root / scale, g / scale
+    three = 3.0 * _eye_like(root)
+    for step in range(lyapunov_iters):
+        b2 = _mm(b, b)
+        c = 0.5 * (_mm(c, three - b2) - _mm(b2, c) + _mm(b, _mm(c, b)))
+        if step < lyapunov_iters - 1:
+            b = 0.5 * _mm(b, three - b2)
+    return (0.5 * c,)
+
+
+_mpa.defvjp(_mpa_fwd, _mpa_bwd)
+
+
+def mpa_sqrtm(
+    a,
+    *,
+    approximant=SpectralOptions.mpa_approximant,
+    inverse=False,
+    lyapunov_iters=SpectralOptions.mpa_lyapunov_iters,
+):
+    """MPA-Lya (ICLR 2022): square root (or `inverse` root) of PSD `a` [..., d, d] by matmuls and one solve.
+
+    Forward: Z = I − A/‖A‖_F, then Q(Z)⁻¹P(Z)·√‖A‖_F with (P, Q) the [5/5] Padé approximant of
+    √(1 − z) ("pade"), or the 10-term Taylor polynomial ("taylor", MTP); the inverse root is
+    P⁻¹Q/√‖A‖_F (its Taylor form uses the series of 1/√(1 − z)). Backward: the Lyapunov
+    equation by `lyapunov_iters` coupled Newton–Schulz steps, as published (exact for the exact
+    root only as the iteration converges). No eigendecomposition; norms are per sample.
+
+    Cost (d = 256): the forward is 4 matmuls and a batched LU solve (Taylor: 9 matmuls, no
+    solve); the backward 4 matmuls per Lyapunov step. Accuracy is the approximant's at
+    ‖Z‖ ≤ 1: near machine precision when λ_min/‖A‖_F ≳ 0.3, poor as Σ becomes ill-conditioned
+    (docs/method.md §2e has the measured errors; a zero eigenvalue is approximated by the
+    approximant at z = 1, not by 0). Finite for every input, zeros and rank-deficient included.
+    """
+    a = _as_square(a, "mpa_sqrtm")
+    problems = _mpa_problems(approximant, lyapunov_iters)
+    if not isinstance(inverse, bool):
+        problems.append(f"inverse={inverse!r} must be True or False.")
+    checks.raise_if_any(problems, "mpa_sqrtm")
+    return _mpa(a, approximant, inverse, lyapunov_iters)
+
+
+# ----------------------------------------------------------------------------------------------
+# iSICE: sparse inverse covariance by projected gradient steps, Newton–Schulz inverse roots
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _ns_inverse_root(x, iters):
+    """X^{-1/2} by `iters` coupled Newton–Schulz steps on X/tr X, times (tr X)^{-1/2} (iSICE's Z₇).
+
+    Y₀ = X/tr X, Z₀ = I; T = ½(3I − Z Y), Y ← Y T, Z ← T Z; the output is Z. Few steps damp the
+    inverse root of directions with small eigenvalues (as in `newton_schulz_sqrtm`). The
+    hand-written VJP is the transpose-correct reverse of the recurrence, right for any cotangent.
+    """
+    return _ns_inverse_root_fwd(x, iters)[0]
+
+
+def _ns_inverse_root_fwd(x, iters):
+    trace = _floored(jnp.trace(x, axis1=-2, axis2=-1)[..., None, None])
+    y, z = x / trace, _eye_like(x)
+    path = []
+    for step in range(iters):
+        path.append((y, z))
+        t = 0.5 * (3.0 * _eye_like(x) - _mm(z, y))
+        y, z = (_mm(y, t) if step < iters - 1 else y), _mm(t, z)
+    return z / jnp.sqrt(trace), (x, trace, z, tuple(path))
+
+
+def _ns_inverse_root_bwd(iters, residuals, g):
+    """Reverse of the recurrence: with T̄ = Yᵀ Ȳ′ + Z̄′ Zᵀ, Ȳ = Ȳ′ Tᵀ − ½ Zᵀ T̄ and Z̄ = Tᵀ Z̄′ − ½ T̄ Yᵀ."""
+    x, trace, z_out, path = residuals
+    z_bar = g / jnp.sqrt(trace)
+    y_bar = jnp.zeros_like(g)
+    trace_bar = -0.5 * jnp.sum(g * z_out, axis=(-2, -1), keepdims=True) / trace**1.5
+    for y, z in reversed(path):
+        t = 0.5 * (3.0 * _eye_like(x) - _mm(z, y))
+        t_bar = _mm(_t(y), y_bar) + _mm(z_bar, _t(z))
+        y_bar, z_bar = _mm(y_bar, _t(t)) - 0.5 * _mm(_t(z), t_bar), _mm(_t(t), z_bar) - 0.5 * _mm(t_bar, _t(y))
+    # Y₀ = X/t with t = tr X (where t is not the floor); Z₀ = I is constant.
+    trace_bar = trace_bar - jnp.sum(y_bar * x, axis=(-2, -1), keepdims=True) / trace**2
+    floored = trace <= _floored(jnp.zeros_like(trace))
+    return (y_bar / trace + jnp.where(floored, 0.0, trace_bar) * _eye_like(x),)
+
+
+_ns_inverse_root.defvjp(_ns_inverse_root_fwd, _ns_inverse_root_bwd)
+
+
+def isice(
+    cov,
+    *,
+    steps=SpectralOptions.isice_steps,
+    lr=SpectralOptions.isice_lr,
+    sparsity=SpectralOptions.isice_sparsity,
+):
+    """iSICE (CVPR 2023): the sparse inverse covariance (partial correlations) of covariances [..., d, d].
+
+    The released forward from Σ on: C = Σ/tr Σ, J = 1e-10 on every entry + 5e-10·I (the
+    release's 1e-9·diag(rand) at rand = ½: deterministic here), P = Z₇(C + J)², then `steps`
+    projected gradient steps minimising tr(CP) − log det P + s·‖P‖₁ (s = sparsity), step size
+    lr·(1 − i/(steps − 1)): P± = relu(±P), G = sym(C) − Z₇(P + J)², P⁺ ← relu(P⁺ − step·(G + s)),
+    P⁻ ← relu(P⁻ − step·(s − G)), P = sym(P⁺ − P⁻); output P/√tr P. Z₇(X) is X^{-1/2} by 7
+    coupled Newton–Schulz steps (hand-written VJP, right for non-symmetric cotangents). The last
+    step has step size 0: only its projection is computed (same values and gradients). Gradient
+    by autodiff through the steps. Everything per sample.
+
+    Cost (d = 256, 5 steps): 5 inverse roots of 7 Newton–Schulz steps, ≈ 105 matmuls forward,
+    about twice that backward. It is not a square root: its accuracy is that of the unrolled
+    solver (7-step roots, 4 effective steps), not of a converged SICE solution; finite for every
+    input (a zero Σ gives the inverse root of J).
+    """
+    cov = _as_square(cov, "isice")
+    checks.raise_if_any(_isice_problems(steps, lr, sparsity), "isice")
+    c = cov / _floored(jnp.trace(cov, axis1=-2, axis2=-1)[..., None, None])
+    jitter = jnp.full(cov.shape[-2:], 1e-10, cov.dtype) + 5e-10 * jnp.eye(cov.shape[-1], dtype=cov.dtype)
+    root = _ns_inverse_root(c + jitter, ISICE_ROOT_ITERS)
+    p, target = _mm(root, root), _sym(c)
+    for i in range(steps):
+        size = lr * (1.0 - i / (steps - 1.0))
+        plus, minus = jax.nn.relu(p), jax.nn.relu(-p)
+        if size:
+            root = _ns_inverse_root(p + jitter, ISICE_ROOT_ITERS)
+            grad = target - _mm(root, root)
+            plus = jax.nn.relu(plus - size * (grad + sparsity))
+            minus = jax.nn.relu(minus - size * (sparsity - grad))
+        p = _sym(plus - minus)
+    return p / jnp.sqrt(_floored(jnp.trace(p, axis1=-2, axis2=-1)[..., None, None]))
+
+
+# ----------------------------------------------------------------------------------------------
 # Dispatch and public functions
 
 
@@ -431,7 +677,7 @@ def _seb(a, options):
 
 
 def normalize(cov, options: SpectralOptions):
-    """N(Σ) of covariances [..., d, d] as `options` say (norm: sqrt, seb, isqrt or none), in cov's dtype.
+    """N(Σ) of covariances [..., d, d] as `options` say (norm: sqrt, seb, isqrt, mpa, isice or none), in cov's dtype.
 
     `options` were validated when made; only their fit to the matrices (topn ≤ d) is checked here.
     """
@@ -446,6 +692,10 @@ def normalize(cov, options: SpectralOptions):
         return _seb(cov, options)
     if options.norm == "isqrt":
         return newton_schulz_sqrtm(cov, iters=options.isqrt_iters)
+    if options.norm == "mpa":
+        return _mpa(cov, options.mpa_approximant, False, options.mpa_lyapunov_iters)
+    if options.norm == "isice":
+        return isice(cov, steps=options.isice_steps, lr=options.isice_lr, sparsity=options.isice_sparsity)
     return cov
 
 
