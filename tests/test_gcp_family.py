@@ -39,10 +39,7 @@ def lyapunov_by_eigh(root, g, inverse=False):
     """
     r, u = np.linalg.eigh(0.5 * (root + np.swapaxes(root, -1, -2)))
     ri, rj = r[..., :, None], r[..., None, :]
-    if inverse:  # f(λ) = λ^{-1/2}, λ = r^{-2}: (f(λi) − f(λj))/(λi − λj) = −ri² rj² / (ri + rj)
-        loewner = -(ri**2) * rj**2 / (ri + rj)
-    else:
-        loewner = 1.0 / (ri + rj)
+    loewner = -(ri**2) * rj**2 / (ri + rj) if inverse else 1.0 / (ri + rj)
     ut = np.swapaxes(u, -1, -2)
     return u @ (loewner * (ut @ g @ u)) @ ut
 
