@@ -10,6 +10,13 @@ python train.py --config configs/aircraft.py:isqrt_resnet50 --workdir runs/air_i
 Its final evaluation resizes the shorter side to 448 (for an eval_only run as theirs:
 --config.data.resize_mode=shorter --config.data.resize_size=448); here eval keeps this protocol's
 (512, 512) → centre 448, as its training and per-epoch validation do.
+
+python train.py --config configs/aircraft.py:isice_resnet50 --workdir runs/air_isice \
+    --config.model.pretrained=resnet50-19c8e357.pth  # iSICE's recipe (published 92.7)
+python train.py --config configs/aircraft.py:mpa_resnet50 --workdir runs/air_mpa  # :resnet50 with MPA-Lya
+
+:isice_resnet50 is the recipe of csiro-robotics/iSICE (gcp_jax.config.with_isice_recipe: torchvision
+ResNet-50 at its own strides, iSICE head, AdamW); :mpa_resnet50 is :resnet50 with gcp.norm="mpa".
 """
 
 from gcp_jax import config as base

@@ -9,6 +9,13 @@ python train.py --config configs/cars.py:isqrt_resnet50 --workdir runs/cars_isqr
 (gcp_jax.config.with_isqrt_finetuning) and evaluates each centre crop with its mirror image (eval_flip).
 Its evaluation resizes the shorter side to 448 and takes the centre 448 (for an eval_only run as
 theirs: --config.data.resize_mode=shorter); here eval keeps this protocol's (448, 448), as its training does.
+
+python train.py --config configs/cars.py:isice_resnet50 --workdir runs/cars_isice \
+    --config.model.pretrained=resnet50-19c8e357.pth  # iSICE's recipe (published 93.5)
+python train.py --config configs/cars.py:mpa_resnet50 --workdir runs/cars_mpa  # :resnet50 with MPA-Lya
+
+:isice_resnet50 is the recipe of csiro-robotics/iSICE (gcp_jax.config.with_isice_recipe: torchvision
+ResNet-50 at its own strides, iSICE head, AdamW); :mpa_resnet50 is :resnet50 with gcp.norm="mpa".
 """
 
 from gcp_jax import config as base

@@ -8,6 +8,13 @@ python train.py --config configs/cub.py:isqrt_resnet50 --workdir runs/cub_isqrt 
 :isqrt_resnet50 fine-tunes fast-MPN-COV's ImageNet iSQRT-COV ResNet-50 as its finetune.sh does
 (gcp_jax.config.with_isqrt_finetuning) and evaluates each centre crop with its mirror image (eval_flip).
 Its resize/crop is this protocol's (shorter side 448, centre 448), its final evaluation's included.
+
+python train.py --config configs/cub.py:isice_resnet50 --workdir runs/cub_isice \
+    --config.model.pretrained=resnet50-19c8e357.pth  # iSICE's recipe (published 85.9)
+python train.py --config configs/cub.py:mpa_resnet50 --workdir runs/cub_mpa  # :resnet50 with MPA-Lya
+
+:isice_resnet50 is the recipe of csiro-robotics/iSICE (gcp_jax.config.with_isice_recipe: torchvision
+ResNet-50 at its own strides, iSICE head, AdamW); :mpa_resnet50 is :resnet50 with gcp.norm="mpa".
 """
 
 from gcp_jax import config as base

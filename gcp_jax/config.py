@@ -21,6 +21,8 @@ from gcp_jax import checks, compile_cache, linalg, models, optim, pooling
 
 HEADLINE_ARCH = "efficientnet_b5"  # backbone of the protocol configs; "resnet50" is the other variant
 ISQRT_VARIANT = "isqrt_resnet50"  # Aircraft/CUB/Cars variant: fast-MPN-COV's fine-tuning of mpncovresnet50
+ISICE_VARIANT = "isice_resnet50"  # Aircraft/CUB/Cars variant: the iSICE recipe (csiro-robotics/iSICE)
+MPA_VARIANT = "mpa_resnet50"  # Aircraft/CUB/Cars variant: the ResNet-50 + SEB protocol with the MPA-Lya square root
 RESIZE_MODES = ("shorter", "square")
 ON_CORRUPT = ("skip", "fail")
 
@@ -65,7 +67,7 @@ def get_config() -> config_dict.ConfigDict:
     s = linalg.SpectralOptions()
     c.gcp = config_dict.ConfigDict()
     c.gcp.dim = pooling.GCPHead.dim  # 1x1 conv + BN + ReLU reduction to this many channels (256); 0 = no reduction.
-    c.gcp.norm = s.norm  # Matrix normalisation: "sqrt", "seb" (Scaling Eigen Branch), "isqrt" (Newton-Schulz), "none".
+    c.gcp.norm = s.norm  # "sqrt", "seb" (Scaling Eigen Branch), "isqrt" (Newton-Schulz), "mpa", "isice", "none".
     c.gcp.grad = s.grad  # Eigen backward: exact, ordinary, pade, taylor, trunc, newton (docs/method.md §3).
     c.gcp.seb_variant = s.seb_variant  # SEB form: "code" (released code), "a", "b" (docs/method.md §2c).
     c.gcp.eps = config_dict.placeholder(float)  # Eigenvalue clamp; None = eps32 * lambda_max (float64: eps64).
@@ -74,6 +76,11 @@ def get_config() -> config_dict.ConfigDict:
     c.gcp.newton_iters = s.newton_iters  # Iterations of the grad="newton" backward (10).
     c.gcp.taylor_degree = s.taylor_degree  # Series degree of grad="taylor" (100).
     c.gcp.trunc_threshold = s.trunc_threshold  # |K| clip of grad="trunc" (1e10).
+    c.gcp.mpa_approximant = s.mpa_approximant  # norm="mpa" (MPA-Lya): "pade" ([5/5] Pade) or "taylor" (10 terms, MTP).
+    c.gcp.mpa_lyapunov_iters = s.mpa_lyapunov_iters  # norm="mpa": Newton-Schulz steps of its Lyapunov backward (8).
+    c.gcp.isice_steps = s.isice_steps  # norm="isice": projected gradient steps of the SICE solver (5; at least 2).
+    c.gcp.isice_lr = s.isice_lr  # norm="isice": solver step size (5.0, iSICE's main.py; its scripts and paper: 1.0).
+    c.gcp.isice_sparsity = s.isice_sparsity  # norm="isice": l1 weight, more = sparser partial correlations (0.01).
     c.gcp.dtype = s.dtype  # Spectral dtype: "float32" or "float64" (turns on jax_enable_x64; faithful reproduction).
 
     # --- data (gcp_jax.data) ----------------------------------------------------------------
@@ -81,11 +88,12 @@ def get_config() -> config_dict.ConfigDict:
 
     # --- optimiser (gcp_jax.optim.make_optimizer) -------------------------------------------
     c.optim = config_dict.ConfigDict()
+    c.optim.name = "sgd"  # "sgd" (the protocols') or "adamw" (PyTorch AdamW: betas (momentum, 0.999), eps 1e-8).
     c.optim.learning_rate = 3e-3  # Base learning rate of the backbone and the GCP reduction.
-    c.optim.momentum = 0.9  # SGD momentum, PyTorch form: b <- momentum * b + g; theta <- theta - lr * b.
-    c.optim.nesterov = False  # Nesterov momentum (PyTorch's nesterov=True form).
+    c.optim.momentum = 0.9  # SGD momentum, PyTorch form: b <- momentum * b + g; theta <- theta - lr * b (adamw: beta1).
+    c.optim.nesterov = False  # Nesterov momentum (PyTorch's nesterov=True form); sgd only.
     c.optim.classifier_lr_factor = 5.0  # Learning rate x this for params["classifier"] (the final dense layer).
-    c.optim.weight_decay = 1e-3  # Added to the CLIPPED gradient on all parameters: g <- clip(g) + wd * theta.
+    c.optim.weight_decay = 1e-3  # All parameters. sgd: g <- clip(g) + wd * theta; adamw: decoupled, x lr.
     c.optim.grad_clip_norm = 5.0  # Clip the global gradient norm (before weight decay); 0 = off.
     c.optim.schedule = "step"  # "step" (x decay_factor at each of decay_epochs) or "cosine" (to 0 at the end).
     c.optim.decay_epochs = (21, 40)  # Epochs at which the step schedule multiplies the lr by decay_factor.
@@ -129,8 +137,8 @@ def with_backbone(config: config_dict.ConfigDict, arch: str) -> config_dict.Conf
 
 
 def with_variant(config: config_dict.ConfigDict, variant: str) -> config_dict.ConfigDict:
-    """`config` with a protocol file's `:variant`: ISQRT_VARIANT (`with_isqrt_finetuning`) or a backbone arch."""
-    return with_isqrt_finetuning(config) if variant == ISQRT_VARIANT else with_backbone(config, variant)
+    """`config` with a protocol file's `:variant`: a recipe of RECIPES, or a backbone arch (`with_backbone`)."""
+    return RECIPES[variant](config) if variant in RECIPES else with_backbone(config, variant)
 
 
 def with_isqrt_finetuning(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
@@ -157,6 +165,46 @@ def with_isqrt_finetuning(config: config_dict.ConfigDict) -> config_dict.ConfigD
         warmup_epochs=0.0,
     )
     return config
+
+
+def with_isice_recipe(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """`config` with the iSICE recipe of csiro-robotics/iSICE's main.py and scripts (`:isice_resnet50`).
+
+    torchvision's ResNet-50 at its own strides (layer4 stride 2: 14x14 = 196 positions at 448 px,
+    a rank-deficient 256-d covariance, the small-sample case iSICE is for), the 256-d reduction,
+    iSICE with 5 steps, solver lr 1.0 and sparsity 0.01 (the values their fine-tune.sh calls the
+    paper's), no dropout; AdamW (betas 0.9/0.999) at lr 1.2e-4, classifier lr x5, weight decay 1e-4
+    on all parameters, x0.1 at epochs 15 and 30, 100 epochs, batch 50, no gradient clipping (their
+    ResNet-50 script). Their final evaluation averages each centre crop with its mirror (eval_flip).
+    Their data transforms are this protocol's. docs/method.md §6 says what their code leaves open.
+    """
+    config = with_backbone(config, "resnet50")
+    config.model.last_stride, config.model.head, config.model.dropout_rate = 2, "gcp", 0.0
+    config.gcp.update(dim=256, norm="isice", isice_steps=5, isice_lr=1.0, isice_sparsity=0.01, dtype="float32")
+    config.batch_size, config.num_epochs, config.eval_flip = 50, 100, True
+    config.optim.update(
+        name="adamw",
+        learning_rate=1.2e-4,
+        momentum=0.9,
+        schedule="step",
+        decay_epochs=(15, 30),
+        decay_factor=0.1,
+        weight_decay=1e-4,
+        classifier_lr_factor=5.0,
+        grad_clip_norm=0.0,
+        warmup_epochs=0.0,
+    )
+    return config
+
+
+def with_mpa_square_root(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """`config` as the ResNet-50 + SEB protocol (`:resnet50`) with the MPA-Lya square root (`:mpa_resnet50`)."""
+    config = with_backbone(config, "resnet50")
+    config.gcp.norm = "mpa"
+    return config
+
+
+RECIPES = {ISQRT_VARIANT: with_isqrt_finetuning, ISICE_VARIANT: with_isice_recipe, MPA_VARIANT: with_mpa_square_root}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,6 +268,10 @@ def _gcp_problems(g) -> list[str]:
 
 def _optim_problems(o) -> list[str]:
     problems = [] if o.schedule in optim.SCHEDULES else [checks.not_one_of("schedule", o.schedule, optim.SCHEDULES)]
+    if o.name not in optim.OPTIMIZERS:
+        problems.append(checks.not_one_of("name", o.name, optim.OPTIMIZERS))
+    elif o.nesterov and o.name != "sgd":
+        problems.append(f"nesterov applies to name='sgd' only; set it to False for {o.name!r}.")
     for name, ok, rule in (
         ("learning_rate", o.learning_rate > 0, "must be positive"),
         ("momentum", 0 <= o.momentum < 1, "must lie in [0, 1)"),

@@ -1,4 +1,4 @@
-"""The protocols' optimiser: SGD with PyTorch-form momentum, clipping before weight decay, two lr groups.
+"""The protocols' optimisers: SGD with PyTorch-form momentum (or PyTorch's AdamW), two lr groups.
 
 `learning_rate_schedule(config.optim, steps_per_epoch, total_steps)` is lr(step);
 `make_optimizer(config.optim, schedule)` the optax transformation, updated with the run's global
@@ -17,6 +17,8 @@ import optax
 from ml_collections import ConfigDict
 
 SCHEDULES = ("step", "cosine")
+OPTIMIZERS = ("sgd", "adamw")
+ADAM_B2, ADAM_EPS = 0.999, 1e-8  # PyTorch AdamW's defaults (the iSICE recipe keeps them)
 CLASSIFIER = "classifier"  # params[CLASSIFIER] gets the classifier learning-rate factor
 
 
@@ -70,17 +72,24 @@ def scale_by_step_schedule(schedule: optax.Schedule) -> optax.GradientTransforma
 
 
 def make_optimizer(optim_cfg: ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformationExtraArgs:
-    """The reference SGD (PyTorch `clip_grad_norm_` then `SGD(momentum, weight_decay)` with two param groups).
+    """The reference optimiser: PyTorch `clip_grad_norm_`, then `SGD(momentum, weight_decay)` or `AdamW`.
 
-    g <- clip(g, grad_clip_norm) + weight_decay * theta   (all parameters)
-    b <- momentum * b + g                                  (PyTorch form, no dampening)
-    theta <- theta - lr(step) * f * b,   f = classifier_lr_factor on params["classifier"], else 1.
+    Two param groups: f = classifier_lr_factor on params["classifier"], else 1.
+    sgd:   g <- clip(g, grad_clip_norm) + weight_decay * theta   (all parameters)
+           b <- momentum * b + g                                  (PyTorch form, no dampening)
+           theta <- theta - lr(step) * f * b
+    adamw: theta <- theta - lr(step) * f * (adam(clip(g)) + weight_decay * theta), adam with
+           beta1 = momentum, beta2 = 0.999, eps = 1e-8 and bias correction (decoupled decay).
     Call `update(grads, opt_state, params, step=global_step)`.
     """
+    decay = optax.add_decayed_weights(optim_cfg.weight_decay) if optim_cfg.weight_decay else optax.identity()
+    if optim_cfg.name == "adamw":
+        direction = (optax.scale_by_adam(b1=optim_cfg.momentum, b2=ADAM_B2, eps=ADAM_EPS), decay)
+    else:
+        direction = (decay, optax.trace(decay=optim_cfg.momentum, nesterov=optim_cfg.nesterov))
     return optax.chain(
         optax.clip_by_global_norm(optim_cfg.grad_clip_norm) if optim_cfg.grad_clip_norm else optax.identity(),
-        optax.add_decayed_weights(optim_cfg.weight_decay) if optim_cfg.weight_decay else optax.identity(),
-        optax.trace(decay=optim_cfg.momentum, nesterov=optim_cfg.nesterov),
+        *direction,
         optax.masked(optax.scale(optim_cfg.classifier_lr_factor), _classifier_mask),
         scale_by_step_schedule(schedule),
     )

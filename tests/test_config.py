@@ -120,7 +120,7 @@ def test_every_problem_is_reported_at_once():
     assert lines[0] == "4 problems in the config:"
     assert "config.batch_size=12 is not divisible by the 8 devices" in lines[1]
     assert "config.eval_batch_size=20 is not divisible" in lines[2]
-    assert "config.gcp.norm='sebb' is not one of sqrt, seb, isqrt, none (did you mean 'seb'?)." in lines[3]
+    assert "config.gcp.norm='sebb' is not one of sqrt, seb, isqrt, mpa, isice, none (did you mean 'seb'?)." in lines[3]
     assert "config.optim.momentum must lie in [0, 1), got 1.5." in lines[4]
 
 
