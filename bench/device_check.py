@@ -12,7 +12,8 @@ the others still run; the JSON is rewritten after every task, whatever happens:
 2. spectral: the spectral head alone at d = 256, batch 16–128: `eigh` with each implementation
    (QR, Jacobi, QDWH where the platform has it; the `implementation` argument exists since
    jax 0.8.1) with JAX's own derivative of U diag(√λ) Uᵀ, gcp_jax's sqrtm and SEB (exact
-   backward), Newton–Schulz at 3/5/10 iterations; forward and forward+backward, × our SEB head.
+   backward), Newton–Schulz at 3/5/10 iterations, MPA-Lya (Padé and Taylor) and iSICE; forward
+   and forward+backward, × our SEB head.
 3. train steps (bench.train_step) of ResNet-50 (layer4 stride 1), EfficientNet-B0 and -B5, each
    + SEB at 448 px, float32 and bfloat16 backbone, at the largest batch of 64/32/16 that fits, on
    one device: images/s, step memory, set-up + compile, spectral share (no forward column: its
@@ -314,7 +315,7 @@ def environment_worker(s: Settings, args) -> None:
 
 
 def spectral_worker(s: Settings, args) -> None:
-    """The spectral head alone: every eigh implementation, our sqrtm and SEB, Newton–Schulz; × our SEB head."""
+    """The spectral head alone: every eigh implementation, our sqrtm and SEB, Newton–Schulz, MPA-Lya, iSICE; × SEB."""
     import functools
 
     import jax
@@ -329,6 +330,9 @@ def spectral_worker(s: Settings, args) -> None:
     fns[SEB] = functools.partial(linalg.normalize, options=linalg.SpectralOptions(norm="seb"))
     for iters in s.newton_schulz_iters:
         fns[f"newton_schulz_sqrtm iters={iters}"] = functools.partial(linalg.newton_schulz_sqrtm, iters=iters)
+    for approximant in linalg.MPA_APPROXIMANTS:
+        fns[f"mpa_sqrtm {approximant}"] = functools.partial(linalg.mpa_sqrtm, approximant=approximant)
+    fns["isice steps=5"] = linalg.isice
     for batch in s.spectral_batches:
         a = spectral.spd_batch(batch, s.spectral_d, "float32")
         for row in spectral.add_ratios(spectral.time_functions(fns, a, s.repeats, batch=batch, d=s.spectral_d), SEB):

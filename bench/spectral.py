@@ -6,6 +6,11 @@
 Table "functions": forward and forward+backward time of each normalisation of a batch of d = 256
 covariances (ReLU features, M = 2d positions: full rank), with its ratio to `eigh` + plain
 autodiff of U diag(√λ) Uᵀ in the same run and dtype.
+Table "family": the GCP family side by side (sqrt, seb, isqrt, MPA-Lya, iSICE), float32, on the
+covariances of ReLU features [8, 196, 256] (rank-deficient: M < d) and [8, 784, 256] (full rank):
+forward and forward+backward time, and the largest relative Frobenius error over the batch of the
+forward against its exact float64 counterpart (the eigh square root; SEB's (1 + c)·√Σ; iSICE,
+which is no square root, against itself in float64: its rounding error only).
 Table "layer": the whole GCP+SEB layer (covariance → seb → triu_vec) from float32 features
 [8, 196, 256], forward+backward, against the reference recipe in NumPy (bench.reference:
 float64, SVD, ordinary-K eigen backward, batch-wide overflow fix) and against the floor, the
@@ -13,6 +18,8 @@ batched `eigh` alone.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +31,7 @@ from gcp_jax import linalg
 
 BASELINE = "eigh+autodiff (baseline)"
 LAYER_FEATURES = (8, 196, 256)
+FAMILY_FEATURES = ((8, 196, 256), (8, 784, 256))  # rank-deficient (M < d) and full rank
 
 
 def spd_batch(batch: int, d: int, dtype, seed: int = 0) -> jax.Array:
@@ -46,7 +54,62 @@ def candidates() -> dict:
         fns[f"sqrtm grad={grad}"] = lambda a, g=grad: linalg.sqrtm(a, grad=g)
     fns["seb (code, exact)"] = linalg.seb
     fns["newton_schulz_sqrtm iters=5"] = linalg.newton_schulz_sqrtm
+    for approximant in linalg.MPA_APPROXIMANTS:
+        fns[f"mpa_sqrtm {approximant}"] = functools.partial(linalg.mpa_sqrtm, approximant=approximant)
     return fns
+
+
+def exact_root(cov: np.ndarray) -> np.ndarray:
+    """U diag(√max(λ, 0)) Uᵀ in float64 NumPy."""
+    lam, u = np.linalg.eigh(cov.astype(np.float64))
+    return (u * np.sqrt(np.maximum(lam, 0.0))[..., None, :]) @ np.swapaxes(u, -1, -2)
+
+
+def exact_seb(cov: np.ndarray) -> np.ndarray:
+    """(1 + c)·√Σ, c = (Σ λ e^{−2λ})^{1/2}, in float64 NumPy (the released SEB's closed form)."""
+    lam = np.maximum(np.linalg.eigvalsh(cov.astype(np.float64)), 0.0)
+    return (1.0 + np.sqrt(np.sum(lam * np.exp(-2 * lam), axis=-1)))[..., None, None] * exact_root(cov)
+
+
+def isice_float64(cov: np.ndarray) -> np.ndarray:
+    with jax.enable_x64(True):
+        return np.asarray(linalg.isice(jnp.asarray(cov, jnp.float64)))
+
+
+def family() -> dict:
+    """name → (function of a [B, d, d] batch, its float64 reference in NumPy, what the reference is)."""
+    return {
+        "sqrt (sqrtm, exact grad)": (linalg.sqrtm, exact_root, "√Σ"),
+        "seb (code, exact grad)": (linalg.seb, exact_seb, "(1+c)·√Σ"),
+        "isqrt (Newton–Schulz, 5 iters)": (linalg.newton_schulz_sqrtm, exact_root, "√Σ"),
+        "mpa (MPA-Lya, Padé [5/5])": (linalg.mpa_sqrtm, exact_root, "√Σ"),
+        "mpa (MTP, Taylor 10 terms)": (functools.partial(linalg.mpa_sqrtm, approximant="taylor"), exact_root, "√Σ"),
+        "isice (5 steps, lr 5, s 0.01)": (linalg.isice, isice_float64, "itself in float64"),
+    }
+
+
+def relative_error(z, reference) -> float:
+    """Largest ‖Z − Z_ref‖_F / ‖Z_ref‖_F over the batch."""
+    z, reference = np.asarray(z, np.float64), np.asarray(reference, np.float64)
+    norms = np.linalg.norm(reference, axis=(-2, -1))
+    return float(np.max(np.linalg.norm(z - reference, axis=(-2, -1)) / norms))
+
+
+def family_rows(repeats: int) -> list[dict]:
+    """Table "family": each member at each FAMILY_FEATURES shape, float32: times and forward error."""
+    rows = []
+    for shape in FAMILY_FEATURES:
+        x = np.maximum(np.random.default_rng(4).normal(size=shape), 0.0)
+        cov = linalg.covariance(jnp.asarray(x, jnp.float32))
+        cov64 = np.asarray(linalg.covariance(jnp.asarray(x, jnp.float32)), np.float64)
+        rank = "full" if shape[1] > shape[2] else "deficient"
+        members = family()
+        timed = time_functions({name: fn for name, (fn, _, _) in members.items()}, cov, repeats, rank=rank)
+        for row, (fn, exact, what) in zip(timed, members.values()):
+            row.update(features=",".join(map(str, shape)), reference=what)
+            row["rel_error"] = relative_error(jax.jit(fn)(cov), exact(cov64))
+        rows += timed
+    return rows
 
 
 def time_functions(fns: dict, a: jax.Array, repeats: int, **fields) -> list[dict]:
@@ -135,7 +198,9 @@ def main(argv: list[str]) -> int:
     if "float64" in args.dtypes:
         jax.config.update("jax_enable_x64", True)
     rows = function_rows(args.batches, args.dtypes, args.repeats)
-    rec = common.record("spectral", argv, machine_line(), rows, layer=layer_result(args.repeats))
+    rec = common.record(
+        "spectral", argv, machine_line(), rows, family=family_rows(args.repeats), layer=layer_result(args.repeats)
+    )
     tables.print_record(rec)
     common.write_record(args.out, rec)
     return 0

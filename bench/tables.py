@@ -48,7 +48,8 @@ def head_name(head: str) -> str:
 
 
 def spectral_tables(rec: dict) -> dict[str, str]:
-    """Tables "functions" (each normalisation against eigh + autodiff) and "layer" (GCP+SEB against the reference)."""
+    """Tables "functions" (each normalisation against eigh + autodiff), "layer" (GCP+SEB against the reference)
+    and, where measured, "family" (sqrt, SEB, iSQRT, MPA-Lya, iSICE: time and forward error)."""
     functions = markdown(
         ("dtype", "batch", "function", "fwd ms", "fwd ×", "fwd+bwd ms", "fwd+bwd ×"),
         [
@@ -71,7 +72,29 @@ def spectral_tables(rec: dict) -> dict[str, str]:
         [(r["name"], fixed(r["s"], 1, 1e3), fixed(r["speedup"], 1, suffix="×")) for r in layer["rows"]],
     )
     difference = f"max relative difference of ∂L/∂X, ours (float32, exact) vs reference: {layer['grad_rel_diff']:.1e}"
-    return {"functions": functions, "layer": f"{table}\n\n{difference}"}
+    out = {"functions": functions, "layer": f"{table}\n\n{difference}"}
+    if "family" in rec:
+        out["family"] = family_table(rec["family"])
+    return out
+
+
+def family_table(rows: list[dict]) -> str:
+    """The GCP family side by side: times and forward error against the exact float64 counterpart."""
+    return markdown(
+        ("features [B,M,d]", "Σ rank", "function", "fwd ms", "fwd+bwd ms", "forward error", "against"),
+        [
+            (
+                r["features"],
+                r["rank"],
+                r["function"],
+                fixed(r.get("fwd_s"), 1, 1e3),
+                fixed(r.get("fwdbwd_s"), 1, 1e3),
+                f"{r['rel_error']:.1e}",
+                r["reference"],
+            )
+            for r in rows
+        ],
+    )
 
 
 # ----------------------------------------------------------------------------------------------
