@@ -1,7 +1,8 @@
 """Spectral-layer benchmark: gcp_jax.linalg against plain autodiff and the reference recipe.
 
-    python -m bench spectral --repeats 7                      # the docs tables (2-core CPU: ~5 minutes)
+    python -m bench spectral --repeats 7                      # every table (2-core CPU: ~12 minutes)
     python -m bench spectral --batches 8 --dtypes float32 --repeats 3
+    python -m bench spectral --tables family --repeats 7      # one table (the docs keep it in its own record)
 
 Table "functions": forward and forward+backward time of each normalisation of a batch of d = 256
 covariances (ReLU features, M = 2d positions: full rank), with its ratio to `eigh` + plain
@@ -30,6 +31,7 @@ from bench.timing import machine_line, time_call
 from gcp_jax import linalg
 
 BASELINE = "eigh+autodiff (baseline)"
+TABLES = ("functions", "family", "layer")
 LAYER_FEATURES = (8, 196, 256)
 FAMILY_FEATURES = ((8, 196, 256), (8, 784, 256))  # rank-deficient (M < d) and full rank
 
@@ -194,13 +196,20 @@ def main(argv: list[str]) -> int:
     p = common.parser("spectral", __doc__, repeats=5)
     p.add_argument("--batches", type=common.listed(int), default=[8, 32], help="Covariances per call (8,32).")
     p.add_argument("--dtypes", type=common.listed(), default=["float32", "float64"], help="(float32,float64).")
-    args = p.parse_args(argv)
-    if "float64" in args.dtypes:
-        jax.config.update("jax_enable_x64", True)
-    rows = function_rows(args.batches, args.dtypes, args.repeats)
-    rec = common.record(
-        "spectral", argv, machine_line(), rows, family=family_rows(args.repeats), layer=layer_result(args.repeats)
+    p.add_argument(
+        "--tables", type=common.listed(), default=list(TABLES), help=f"Tables to measure ({','.join(TABLES)})."
     )
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.tables) - set(TABLES))
+    if unknown:
+        p.error(f"--tables: {', '.join(unknown)} unknown; the tables are {', '.join(TABLES)}.")
+    if "float64" in args.dtypes and "functions" in args.tables:
+        jax.config.update("jax_enable_x64", True)
+    rows = function_rows(args.batches, args.dtypes, args.repeats) if "functions" in args.tables else []
+    extra = {"family": family_rows(args.repeats)} if "family" in args.tables else {}
+    if "layer" in args.tables:
+        extra["layer"] = layer_result(args.repeats)
+    rec = common.record("spectral", argv, machine_line(), rows, **extra)
     tables.print_record(rec)
     common.write_record(args.out, rec)
     return 0

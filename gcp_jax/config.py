@@ -154,16 +154,17 @@ def with_isqrt_finetuning(config: config_dict.ConfigDict) -> config_dict.ConfigD
     config.model.head, config.model.dropout_rate = "gcp", 0.0
     config.gcp.update(dim=256, norm="isqrt", isqrt_iters=5, dtype="float32")
     config.batch_size, config.num_epochs, config.eval_flip = 10, 100, True
-    config.optim.update(
-        learning_rate=1.2e-3,
-        momentum=0.9,
-        schedule="step",
-        decay_epochs=(100,),
-        weight_decay=1e-3,
-        classifier_lr_factor=5.0,
-        grad_clip_norm=0.0,
-        warmup_epochs=0.0,
-    )
+    return _released_recipe(config, name="sgd", learning_rate=1.2e-3, decay_epochs=(100,), weight_decay=1e-3)
+
+
+def _released_recipe(config: config_dict.ConfigDict, **optim_fields) -> config_dict.ConfigDict:
+    """`config` with the optimiser of a released fine-tuning script: these fields over what they share.
+
+    Shared: momentum 0.9 (AdamW's beta1), a x0.1 step schedule, classifier lr x5, no gradient
+    clipping, no warmup.
+    """
+    shared = dict(momentum=0.9, schedule="step", decay_factor=0.1, classifier_lr_factor=5.0, grad_clip_norm=0.0)
+    config.optim.update({**shared, "warmup_epochs": 0.0, **optim_fields})
     return config
 
 
@@ -182,19 +183,7 @@ def with_isice_recipe(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
     config.model.last_stride, config.model.head, config.model.dropout_rate = 2, "gcp", 0.0
     config.gcp.update(dim=256, norm="isice", isice_steps=5, isice_lr=1.0, isice_sparsity=0.01, dtype="float32")
     config.batch_size, config.num_epochs, config.eval_flip = 50, 100, True
-    config.optim.update(
-        name="adamw",
-        learning_rate=1.2e-4,
-        momentum=0.9,
-        schedule="step",
-        decay_epochs=(15, 30),
-        decay_factor=0.1,
-        weight_decay=1e-4,
-        classifier_lr_factor=5.0,
-        grad_clip_norm=0.0,
-        warmup_epochs=0.0,
-    )
-    return config
+    return _released_recipe(config, name="adamw", learning_rate=1.2e-4, decay_epochs=(15, 30), weight_decay=1e-4)
 
 
 def with_mpa_square_root(config: config_dict.ConfigDict) -> config_dict.ConfigDict:

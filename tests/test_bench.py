@@ -61,6 +61,17 @@ def test_a_record_names_the_command_that_reruns_it_not_where_it_was_written():
     assert common.command("spectral", ["--out=b.json"]) == "python -m bench spectral"
 
 
+def test_a_spectral_record_renders_the_tables_it_measured():
+    row = {"features": "8,196,256", "rank": "deficient", "function": "mpa", "fwd_s": 0.01, "fwdbwd_s": 0.02}
+    rec = common.record(
+        "spectral", ["--tables", "family"], "m", [], family=[{**row, "rel_error": 0.24, "reference": "√Σ"}]
+    )
+    rendered = tables.render(rec)
+    assert list(rendered) == ["family"]
+    cells = [c.strip() for c in rendered["family"].splitlines()[-1].strip("|").split("|")]
+    assert cells == ["8,196,256", "deficient", "mpa", "10.0", "20.0", "2.4e-01", "√Σ"]
+
+
 def test_pytest_summary_counts_a_run_cut_short():
     out = "\n".join(
         [

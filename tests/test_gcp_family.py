@@ -1,34 +1,20 @@
 """MPA-Lya and iSICE in gcp_jax.linalg: values, every custom VJP, degenerate inputs, the head, the configs."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gcp_jax import config, linalg, models, optim, sharding, training
+from gcp_jax import config, linalg, optim, sharding, training
 from gcp_jax.linalg import SpectralOptions
-
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
-def spd_with_spectrum(eigenvalues, seed=0):
-    """U diag(λ) Uᵀ with a random orthogonal U (float64 numpy)."""
-    d = len(eigenvalues)
-    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, d)))
-    return (q * np.asarray(eigenvalues, np.float64)) @ q.T
+from gcp_jax.pooling import GCPHead
+from tests.test_linalg import rel_err, spd_with_spectrum
 
 
 def well_conditioned(d=6, batch=2):
     """Eigenvalues in [0.5, 1]·scale: λ/‖Σ‖_F ≥ 0.2, where the [5/5] Padé approximant is accurate."""
     return np.stack([spd_with_spectrum((1 + b) * np.linspace(0.5, 1.0, d), seed=b) for b in range(batch)])
-
-
-def rel_err(x, y):
-    return float(np.max(np.abs(np.asarray(x) - np.asarray(y))) / np.max(np.abs(np.asarray(y))))
 
 
 def lyapunov_by_eigh(root, g, inverse=False):
@@ -301,17 +287,29 @@ def test_normalize_applies_the_options(x64):
 # The head trains with them; the protocol variants
 
 
+class TinyGCP(nn.Module):
+    """conv → the GCP head (8-d reduction) → "classifier": the smallest model with the real head."""
+
+    norm: str
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(6, (3, 3), strides=2, name="conv")(x))
+        x = GCPHead(dim=8, spectral=SpectralOptions(norm=self.norm), name="head")(x, train=train)
+        return nn.Dense(3, name="classifier")(x)
+
+
 @pytest.mark.parametrize("norm", ["mpa", "isice"])
 def test_the_head_trains_a_few_steps(norm):
     mesh = sharding.make_mesh()
-    model = models.create_model("resnet_tiny", num_classes=3, gcp={"dim": 8, "norm": norm})
+    model = TinyGCP(norm)
     cfg = config.get_config().optim
     cfg.update(learning_rate=0.05, decay_epochs=())
     tx = optim.make_optimizer(cfg, optim.learning_rate_schedule(cfg, 4, 4))
-    state = training.create_train_state(training.init_variables(model, 32, 0, mesh), tx, mesh)
+    state = training.create_train_state(training.init_variables(model, 16, 0, mesh), tx, mesh)
     step = training.make_train_step(model, tx, mesh)
     rng = np.random.default_rng(0)
-    batch = {"image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32), "label": np.arange(8, dtype=np.int32) % 3}
+    batch = {"image": rng.normal(size=(8, 16, 16, 3)).astype(np.float32), "label": np.arange(8, dtype=np.int32) % 3}
     losses = []
     for _ in range(4):
         state, metrics = step(state, sharding.global_batch(batch, mesh))
@@ -336,33 +334,8 @@ def test_protocol_variants():
     assert aircraft.get_config("isice_resnet50").data.resize_size == 512
 
 
-def test_adamw_matches_pytorch():
-    """clip_grad_norm_ -> AdamW(two param groups, decoupled weight decay) -> MultiStepLR, step for step."""
-    import torch
-
-    cfg = config.get_config().optim
-    cfg.update(name="adamw", learning_rate=0.1, classifier_lr_factor=5.0, weight_decay=0.01, grad_clip_norm=1.0)
-    cfg.update(decay_epochs=(1,), decay_factor=0.1)
-    tx = optim.make_optimizer(cfg, optim.learning_rate_schedule(cfg, 2, 4))
-    rng = np.random.default_rng(0)
-    params = {"backbone": {"w": rng.normal(size=(3, 2))}, "classifier": {"kernel": rng.normal(size=(2, 4))}}
-    grads = [jax.tree.map(lambda p: 3 * rng.normal(size=p.shape), params) for _ in range(4)]
-    tb, tc = (torch.tensor(params[k][n], requires_grad=True) for k, n in (("backbone", "w"), ("classifier", "kernel")))
-    opt = torch.optim.AdamW([{"params": [tb]}, {"params": [tc], "lr": 0.5}], lr=0.1, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1], gamma=0.1)
-    p = jax.tree.map(jnp.asarray, params)
-    state = tx.init(p)
-    for step, g in enumerate(grads):
-        tb.grad, tc.grad = torch.tensor(g["backbone"]["w"]), torch.tensor(g["classifier"]["kernel"])
-        torch.nn.utils.clip_grad_norm_([tb, tc], 1.0)
-        opt.step()
-        if step % 2 == 1:
-            sched.step()
-        updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, p, step=step)
-        p = jax.tree.map(lambda a, u: a + u, p, updates)
-    # float32 here, float64 in torch: Adam's normalised steps of ≈0.1 agree to ≈1e-6
-    np.testing.assert_allclose(p["backbone"]["w"], tb.detach().numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(p["classifier"]["kernel"], tc.detach().numpy(), rtol=1e-5, atol=1e-5)
+def test_optimizer_name_is_validated():
+    """AdamW itself is checked step for step against PyTorch in tests/test_training.py."""
     problems = config.value_problems(_config_with(optim={"name": "adam", "nesterov": True}), num_devices=1)
     assert "config.optim.name='adam' is not one of sgd, adamw (did you mean 'adamw'?)." in problems
     bad = config.value_problems(_config_with(optim={"name": "adamw", "nesterov": True}), num_devices=1)

@@ -11,12 +11,6 @@ EPS64 = np.finfo(np.float64).eps
 K_GRADS = ("ordinary", "pade", "trunc")
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 def spd_with_spectrum(eigenvalues, seed=0):
     """Random orthogonal U, returns U diag(λ) Uᵀ (float64 numpy)."""
     d = len(eigenvalues)
