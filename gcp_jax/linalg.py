@@ -80,11 +80,6 @@ class SpectralOptions:
         return cls(**fields)
 
 
-def _at_least(name, value, low) -> list[str]:
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
-    return [] if ok else [f"{name}={value!r} must be an integer of at least {low}."]
-
-
 def spectral_problems(fields: Mapping, *, also_known: tuple[str, ...] = ()) -> list[str]:
     """Every problem with these SpectralOptions field values (absent fields take their defaults).
 
@@ -108,7 +103,7 @@ def spectral_problems(fields: Mapping, *, also_known: tuple[str, ...] = ()) -> l
     if eps is not None and not (isinstance(eps, numbers.Real) and eps > 0):
         problems.append(f"eps={eps!r} must be positive, or None for the default floor (ε·λ_max per sample).")
     for name, low in (("topn", 0), ("isqrt_iters", 1), ("newton_iters", 1), ("taylor_degree", 0)):
-        problems += _at_least(name, get(name), low)
+        problems += checks.integer_at_least(name, get(name), low)
     threshold = get("trunc_threshold")
     if not (isinstance(threshold, numbers.Real) and threshold > 0):
         problems.append(f"trunc_threshold={threshold!r} must be positive.")
@@ -117,7 +112,7 @@ def spectral_problems(fields: Mapping, *, also_known: tuple[str, ...] = ()) -> l
 
 
 def _mpa_problems(approximant, lyapunov_iters, prefix="") -> list[str]:
-    problems = _at_least(f"{prefix}lyapunov_iters", lyapunov_iters, 1)
+    problems = checks.integer_at_least(f"{prefix}lyapunov_iters", lyapunov_iters, 1)
     if approximant not in MPA_APPROXIMANTS:
         problems.append(checks.not_one_of(f"{prefix}approximant", approximant, MPA_APPROXIMANTS))
     return problems
@@ -125,7 +120,7 @@ def _mpa_problems(approximant, lyapunov_iters, prefix="") -> list[str]:
 
 def _isice_problems(steps, lr, sparsity, prefix="") -> list[str]:
     # Two steps at least: the step size decays as 1 − i/(steps − 1), undefined for one step.
-    problems = _at_least(f"{prefix}steps", steps, 2)
+    problems = checks.integer_at_least(f"{prefix}steps", steps, 2)
     for name, value, ok, rule in (
         ("lr", lr, lambda v: v > 0, "positive"),
         ("sparsity", sparsity, lambda v: v >= 0, "0 or more"),
@@ -213,7 +208,7 @@ def newton_schulz_sqrtm(a, *, iters=SpectralOptions.isqrt_iters):
     directions of small eigenvalues; that is part of the method.
     """
     a = _as_square(a, "newton_schulz_sqrtm")
-    checks.raise_if_any(_at_least("iters", iters, 1), "newton_schulz_sqrtm")
+    checks.raise_if_any(checks.integer_at_least("iters", iters, 1), "newton_schulz_sqrtm")
     trace = _floored(jnp.trace(a, axis1=-2, axis2=-1)[..., None, None])
     y = a / trace
     eye = _eye_like(a)

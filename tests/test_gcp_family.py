@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gcp_jax import config, linalg, optim, sharding, training
+from gcp_jax import config, linalg, optim, sharding, steps
 from gcp_jax.linalg import SpectralOptions
 from gcp_jax.pooling import GCPHead
 from tests.test_linalg import rel_err, spd_with_spectrum
@@ -306,8 +306,8 @@ def test_the_head_trains_a_few_steps(norm):
     cfg = config.get_config().optim
     cfg.update(learning_rate=0.05, decay_epochs=())
     tx = optim.make_optimizer(cfg, optim.learning_rate_schedule(cfg, 4, 4))
-    state = training.create_train_state(training.init_variables(model, 16, 0, mesh), tx, mesh)
-    step = training.make_train_step(model, tx, mesh)
+    state = steps.create_train_state(steps.init_variables(model, 16, 0, mesh), tx, mesh)
+    step = steps.make_train_step(model, tx, mesh)
     rng = np.random.default_rng(0)
     batch = {"image": rng.normal(size=(8, 16, 16, 3)).astype(np.float32), "label": np.arange(8, dtype=np.int32) % 3}
     losses = []
