@@ -191,14 +191,14 @@ def main(argv):
 
 def user_error(error: Exception, workdir: str) -> str | None:
     """The message of an error the user can fix (a mistake, a full disk), or None for a bug."""
-    from gcp_jax import training
+    from gcp_jax import checkpoint, training
 
     if disk_full(error):
         return (
             f"no space left on the disk holding {os.path.abspath(workdir)}; free some space, then run the same "
             "command: the run resumes from its last complete checkpoint."
         )
-    if isinstance(error, (ValueError, FileNotFoundError, training.NonFiniteError)):
+    if isinstance(error, (ValueError, FileNotFoundError, training.NonFiniteError, checkpoint.SaveError)):
         return str(error)
     return None
 

@@ -29,7 +29,7 @@ import optax
 from ml_collections import ConfigDict
 
 from gcp_jax import checkpoint as ckpt_lib
-from gcp_jax import compile_cache, data, models, optim, sharding, spectrum, stopping
+from gcp_jax import compile_cache, data, models, optim, sharding, spectrum, stopping, writer_lock
 from gcp_jax import config as config_lib
 from gcp_jax import metrics as metrics_lib
 
@@ -606,6 +606,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, mesh=None) -> RunRes
     """
     metrics_lib.setup_logging()
     config_lib.validate(config)
+    with writer_lock.hold(workdir):  # a second trainer on workdir is refused before anything is read
+        return _train_and_evaluate(config, workdir, mesh)
+
+
+def _train_and_evaluate(config: ConfigDict, workdir: str, mesh) -> RunResult:
     check_config_change(config, workdir)
     run = Run(config, mesh)
     checkpoints = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
@@ -640,6 +645,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, mesh=None) -> RunRes
                     if jax.process_count() == 1:
                         graceful.enter_context(stopping.graceful())
                 watchdog.kick()
+                checkpoints.check()  # a save that failed in the background stops the run now
                 if (
                     config.spectrum_every_steps
                     and config.model.head == "gcp"

@@ -16,6 +16,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +30,7 @@ import tiny_config
 
 from gcp_jax import checkpoint as ckpt_lib
 from gcp_jax import config as config_lib
-from gcp_jax import data, metrics, sharding, training
+from gcp_jax import data, metrics, sharding, training, writer_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAULTY_TRAIN = os.path.join(ROOT, "tests", "faulty_train.py")
@@ -285,6 +286,86 @@ def test_full_disk_is_one_line_then_resume(tmp_path, data_dir, jax_cache, refere
         assert_same_end(workdir, data_dir, reference)
 
 
+def test_second_trainer_is_refused_and_a_killed_one_blocks_nothing(tmp_path, data_dir, jax_cache, reference):
+    """Two trainers on one workdir: the second exits 1 at once naming the first, which it leaves alone;
+    the first, killed by SIGKILL, leaves its lock file but no lock: the next start resumes."""
+    first = Process(tmp_path, data_dir, jax_cache, "--config.log_every_steps=1", fault="hang=3")
+    first.wait_for("step 2/8")  # then its third batch never arrives
+    while not any(r["step"] == 2 for r in metrics.read_metrics(tmp_path)):
+        time.sleep(0.05)
+    time.sleep(0.5)  # its TensorBoard record of step 2 too
+    before = snapshot(tmp_path)
+    second = Process(tmp_path, data_dir, jax_cache)
+    assert second.finish() == 1
+    holder = f"pid {first._popen.pid} on host {socket.gethostname()} since "
+    assert second.lines[-1].startswith(f"error: {tmp_path} is in use by another trainer ({holder}"), second.output
+    assert_quiet(second.output)
+    assert first.running() and snapshot(tmp_path) == before
+
+    first.send(signal.SIGKILL)
+    assert first.finish() == -signal.SIGKILL
+    lock_file = os.path.join(tmp_path, writer_lock.LOCK_FILE)
+    assert os.path.exists(lock_file)  # what a kill leaves: the holder's name, no lock
+    assert_same_end(str(tmp_path), data_dir, reference)
+    assert not os.path.exists(lock_file)
+
+
+def test_readers_are_not_blocked_by_the_trainer(tmp_path, data_dir, reference):
+    """While a trainer holds the workdir: eval_only works; a trainer in this process is refused too."""
+    workdir = copy_run(reference, tmp_path)
+    with writer_lock.hold(workdir):
+        result = training.evaluate_checkpoint(training.run_config(workdir, {}, eval_only=True), workdir)
+        assert result.final == reference[1].final
+        with pytest.raises(writer_lock.WorkdirInUseError, match=f"in use by another trainer \\(pid {os.getpid()} "):
+            training.train_and_evaluate(tiny_config.get_config(data_dir), workdir)
+
+
+@contextlib.contextmanager
+def read_only_mount(path):
+    """`path` bind-mounted read-only on itself (root only); yields whether it is."""
+    if subprocess.run(["mount", "--bind", path, path], capture_output=True).returncode:
+        yield False
+        return
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", path, path], check=True)
+        yield True
+    finally:
+        subprocess.run(["umount", path], check=True)
+
+
+def test_read_only_checkpoints_stop_the_run_at_once(tmp_path, data_dir, jax_cache, reference):
+    """The checkpoint folder turns read-only before the save of step 8: one line, exit 1, no hang; the
+    records of steps after step 4 are said to be redone, and are, by the resumed run."""
+    workdir = str(tmp_path / "run")
+    folder = os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)
+    run = Process(workdir, data_dir, jax_cache, fault="erofs=8")
+    try:
+        assert run.finish(120) == 1
+    finally:
+        subprocess.run(["umount", folder], capture_output=True)  # where the fault could mount it
+    assert run.lines[-1].startswith(
+        f"error: cannot save the checkpoint of step 8 in {folder} (Read-only file system); make it writable, then "
+        "run the same command: the run resumes from step 4, its last complete checkpoint"
+    ), run.output
+    assert_quiet(run.output)
+    assert ckpt_lib.Checkpoints(workdir, read_only=True).steps() == [4]
+    assert max(r["step"] for r in metrics.read_metrics(workdir)) == 8  # recorded, and said to be redone
+    assert_same_end(workdir, data_dir, reference)
+    assert without_rates(metrics.read_metrics(workdir)) == without_rates(metrics.read_metrics(reference[0]))
+
+
+def test_read_only_workdir_is_one_line(tmp_path, data_dir, jax_cache, reference):
+    workdir = copy_run(reference, tmp_path, drop_steps=[8])
+    with read_only_mount(workdir) as mounted:
+        run = Process(workdir, data_dir, jax_cache, fault="none" if mounted else "rofs")
+        assert run.finish() == 1
+    assert (
+        run.lines[-1] == f"error: cannot write in {workdir} (Read-only file system); make it writable, or give a "
+        "--workdir that is."
+    ), run.output
+    assert_quiet(run.output)
+
+
 # --------------------------------------------------------------------------------------
 # Damaged checkpoints and metrics files (in process)
 
@@ -425,11 +506,49 @@ def test_best_checkpoint_survives_restarts_and_failed_saves(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     checkpoints._manager.save = full_disk
-    with pytest.raises(OSError):
+    with pytest.raises(ckpt_lib.SaveError, match=r"step 5 .*No space left on device"):
         checkpoints.save(5, small_state(5), {}, score=None)
     checkpoints._manager.save = real_save
     checkpoints.close()
     assert ckpt_lib.Checkpoints(tmp_path).steps() == [1, 4]
+
+
+def test_save_whose_folder_cannot_be_made_fails_at_once(tmp_path, monkeypatch, capfd):
+    """The folder looked writable, then Orbax cannot make the step's folder: the save raises one
+    SaveError at once (no Orbax thread left waiting minutes for the folder), and nothing is printed."""
+    checkpoints = ckpt_lib.Checkpoints(tmp_path)
+    checkpoints.save(1, small_state(1), {})
+    checkpoints.wait()
+    monkeypatch.setattr(ckpt_lib.Checkpoints, "_check_writable", lambda self, step: None)
+    real_makedirs = os.makedirs
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(checkpoints.directory):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_makedirs(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", read_only)
+    started = time.monotonic()
+    with pytest.raises(ckpt_lib.SaveError, match=r"step 2 .*Read-only file system.*resumes from step 1, its last"):
+        checkpoints.save(2, small_state(2), {})
+    checkpoints.check()
+    checkpoints.close()
+    assert time.monotonic() - started < 10
+    monkeypatch.undo()
+    assert ckpt_lib.Checkpoints(tmp_path).steps() == [1]
+    assert not [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+
+
+def test_vanished_checkpoint_folder_stops_the_save(tmp_path):
+    """The folder of a run's checkpoints is gone: SaveError, and no new empty folder is made."""
+    checkpoints = ckpt_lib.Checkpoints(tmp_path)
+    checkpoints.save(1, small_state(1), {})
+    checkpoints.wait()
+    os.rename(checkpoints.directory, f"{checkpoints.directory}.moved")
+    with pytest.raises(ckpt_lib.SaveError, match=r"step 2 .*the folder is gone.*resumes from step 0"):
+        checkpoints.save(2, small_state(2), {})
+    checkpoints.close()
+    assert not os.path.exists(checkpoints.directory)
 
 
 def test_checkpoint_of_the_previous_version_restores_with_one_warning(tmp_path, caplog):
