@@ -48,6 +48,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 CHECKPOINT_DIR = "checkpoints"
+CONFIG_KEY = "config"  # meta[CONFIG_KEY]: the run's config (the loop's, as a JSON dict)
 CHECK_KEY = "checkpoint"  # meta[CHECK_KEY] = {"score": float | None, "fingerprint": str, "algorithm": str}
 FINGERPRINT = "sha256-of-leaf-bytes/1"  # `fingerprint`'s algorithm; another one cannot be checked here
 DAMAGED_SUFFIX = ".damaged-"
@@ -328,7 +329,7 @@ class Checkpoints:
             if not _is_write_failure(e):
                 raise
             self._failed = True
-            done = [s for s in self._steps_on_disk() if s != step]
+            done = [s for s in _complete_steps(self.directory) if s != step]
             resume = f"step {done[-1]}, its last complete checkpoint" if done else "step 0 (no checkpoint is complete)"
             reason = e.strerror if isinstance(e, OSError) and e.strerror else _first_line(e)
             raise SaveError(
@@ -336,12 +337,6 @@ class Checkpoints:
                 f"writable, then run the same command: the run resumes from {resume}, and the records of later "
                 "steps in metrics.jsonl are replaced by the resumed run's."
             ) from e
-
-    def _steps_on_disk(self) -> list[int]:
-        """The steps whose folders are on disk (complete saves: Orbax renames a finished one to <step>)."""
-        with contextlib.suppress(OSError):
-            return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
-        return []
 
     def best_step(self) -> int | None:
         """The step of the best-scoring checkpoint on disk (the earliest of equals), or None."""
@@ -374,9 +369,7 @@ class Checkpoints:
         return self._scores[step]
 
     def _read_meta(self, step: int) -> dict[str, Any]:
-        """The meta item alone (through its handler, as Orbax reads its own metrics)."""
-        path = epath.Path(self.directory) / str(step) / "meta"
-        return dict(ocp.JsonCheckpointHandler().restore(path, ocp.args.JsonRestore()))
+        return _read_meta(self.directory, step)
 
     # --- restoring ------------------------------------------------------------------------
 
@@ -484,3 +477,29 @@ def has_checkpoint(workdir: str) -> bool:
         return checkpoints.latest_step() is not None
     finally:
         checkpoints.close()
+
+
+def _complete_steps(directory: str) -> list[int]:
+    """The steps whose folders are in `directory`, oldest first (Orbax renames a finished save to <step>)."""
+    with contextlib.suppress(OSError):
+        return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+    return []
+
+
+def _read_meta(directory: str, step: int) -> dict[str, Any]:
+    """The meta item of `step` alone (through its handler, as Orbax reads its own metrics)."""
+    path = epath.Path(directory) / str(step) / "meta"
+    return dict(ocp.JsonCheckpointHandler().restore(path, ocp.args.JsonRestore()))
+
+
+def newest_config(workdir: str) -> tuple[int, dict[str, Any] | None] | None:
+    """(step, the config the run had when it saved it) of workdir's newest checkpoint whose meta can be
+    read; the config is None in a checkpoint of a version that did not keep it. None: no checkpoint."""
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    for step in reversed(_complete_steps(directory)):
+        try:
+            record = _read_meta(directory, step)
+        except Exception:  # damaged: the next older one says what the run was (restore sets it aside)
+            continue
+        return step, record.get(CONFIG_KEY)
+    return None

@@ -92,6 +92,7 @@ def _train_and_evaluate(config: ConfigDict, workdir: str, mesh) -> assembly.RunR
     except BaseException:
         checkpoints.close()
         raise
+    meta[ckpt_lib.CONFIG_KEY] = run_config.config_record(config)  # a lost config.json comes back from it
     start = int(state.step)
     run_config.save_config(config, workdir, start)
     if start >= run.total_steps:
@@ -127,6 +128,8 @@ def _train_and_evaluate(config: ConfigDict, workdir: str, mesh) -> assembly.RunR
                     writer.write(step, "spectrum", run.spectrum_summary(state, batch))
                 pending.append(step_metrics)
                 stopped_by = _stop_signal(step) if step < run.total_steps else None  # the last step: done
+                if step == run.total_steps:
+                    stopping.finishing()
                 if step % config.log_every_steps == 0 or step == run.total_steps or stopped_by:
                     record = _train_record(run, step, pending, int(jax.device_get(state.nonfinite)))
                     record["skipped_images"] = skipped_before + sharding.total_over_processes(batches.num_skipped)

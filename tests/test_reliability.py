@@ -479,6 +479,133 @@ def test_checkpoint_of_another_shape_does_not_fit(tmp_path, data_dir, reference,
     assert "Exception ignored" not in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("text", ["", "{}", "[]", '{"seed": 0}'])
+def test_config_json_that_is_no_run_config_is_refused(text, tmp_path, data_dir, reference):
+    """An empty or truncated config.json is not read as the default config (another data set, model, ...)."""
+    workdir = copy_run(reference, tmp_path)
+    path = os.path.join(workdir, "config.json")
+    pathlib.Path(path).write_text(text, encoding="utf-8")
+    refusal = f"{path}, the run's saved config, (cannot be read|is not a config of train.py)"
+    with pytest.raises(config_lib.ConfigError, match=refusal):
+        run_config.load_config_with(workdir, {}, eval_only=True)
+    with pytest.raises(config_lib.ConfigError, match=refusal):
+        loop.train_and_evaluate(tiny_config.get_config(data_dir), workdir)
+
+
+def test_empty_config_json_is_one_line_before_any_data(tmp_path, data_dir, jax_cache, reference):
+    workdir = copy_run(reference, tmp_path)
+    pathlib.Path(workdir, "config.json").write_text("{}", encoding="utf-8")
+    before = snapshot(workdir)
+    run = Process(workdir, data_dir, jax_cache)
+    assert run.finish() == 1
+    assert run.lines[-1].startswith(f"error: {workdir}/config.json, the run's saved config, is not a config of "), (
+        run.output
+    )
+    assert_quiet(run.output)
+    assert snapshot(workdir) == before
+
+
+def test_config_json_of_another_run_is_refused(tmp_path, data_dir, reference):
+    workdir = copy_run(reference, tmp_path)
+    other = tiny_config.get_config(data_dir)
+    other.optim.learning_rate, other.gcp.dim = 0.1, 6
+    path = os.path.join(workdir, "config.json")
+    pathlib.Path(path).write_text(other.to_json_best_effort(), encoding="utf-8")
+    before = snapshot(workdir)
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=f"{path} describes another run than the checkpoint at step 8 .*gcp.dim \\(6 -> 8\\), "
+        "optim.learning_rate \\(0.1 -> 0.05\\)",
+    ):
+        loop.train_and_evaluate(tiny_config.get_config(data_dir), workdir)
+    assert snapshot(workdir) == before
+
+
+def test_lost_config_json_comes_back_from_the_checkpoint_and_guards_the_resume(tmp_path, data_dir, reference, caplog):
+    """Without config.json the newest checkpoint's config is the run's: a changed learning rate is refused,
+    eval_only and a resume use it, and the resume writes config.json again."""
+    workdir = copy_run(reference, tmp_path, drop_steps=[8])
+    os.remove(os.path.join(workdir, "config.json"))
+    changed = tiny_config.get_config(data_dir)
+    changed.optim.learning_rate = 0.1
+    before = snapshot(workdir)
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"saved config \(the checkpoint at step 4 in .*\) in optim\.learning_rate \(0\.05 -> 0\.1\)",
+    ):
+        loop.train_and_evaluate(changed, workdir)
+    assert snapshot(workdir) == before
+    assert run_config.has_saved_config(workdir)
+    evaluated = run_config.load_config_with(workdir, {}, eval_only=True)
+    assert not run_config._refused_changes(evaluated, tiny_config.get_config(data_dir))
+    with caplog.at_level("INFO", logger="gcp_jax"):
+        assert_same_end(workdir, data_dir, reference)
+    assert f"{workdir}/config.json was missing: restored from the checkpoint at step 4" in caplog.text
+    assert run_config.load_config(workdir).to_dict() == run_config.load_config(reference[0]).to_dict()
+
+
+def test_checkpoints_without_their_config_and_no_config_json(tmp_path, data_dir, reference):
+    """Checkpoints of an earlier version (no config kept) and config.json lost: nothing to check a config
+    against, so a resume needs allow_config_change, and then keeps its config."""
+    workdir = copy_run(reference, tmp_path)
+    os.remove(os.path.join(workdir, "config.json"))
+    for meta in glob.glob(os.path.join(workdir, "checkpoints", "*", "meta", "metadata")):
+        record = json.loads(pathlib.Path(meta).read_text(encoding="utf-8"))
+        record.pop(ckpt_lib.CONFIG_KEY)
+        pathlib.Path(meta).write_text(json.dumps(record), encoding="utf-8")
+    config = tiny_config.get_config(data_dir)
+    with pytest.raises(config_lib.ConfigError, match=r"holds checkpoints but no config\.json.*allow_config_change"):
+        loop.train_and_evaluate(config, workdir)
+    with pytest.raises(FileNotFoundError, match=r"config\.json not found"):
+        run_config.load_config_with(workdir, {}, eval_only=True)
+    config.allow_config_change = True
+    assert loop.train_and_evaluate(config, workdir).step == 8
+    assert run_config.saved_config_path(workdir) == os.path.join(workdir, "config.json")
+
+
+def test_eval_only_names_only_the_overrides_it_ignores(tmp_path, reference, caplog):
+    workdir = copy_run(reference, tmp_path)
+    with caplog.at_level("WARNING", logger="gcp_jax"):
+        config = run_config.load_config_with(
+            workdir, {"optim.learning_rate": 0.05, "batch_size": 16, "eval_flip": True}, eval_only=True
+        )
+    assert config.eval_flip and config.batch_size == 8
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.endswith("ignored: --config.batch_size")
+
+
+def test_sigterm_during_the_final_evaluation_says_the_run_finishes(tmp_path, data_dir, monkeypatch, caplog):
+    """After the last step the run finishes (final eval and checkpoint, not stopped) and says so."""
+    real_eval_batches, calls = data.eval_batches, []
+
+    def eval_batches(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the final evaluation
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_eval_batches(*args, **kwargs)
+
+    monkeypatch.setattr(data, "eval_batches", eval_batches)
+    with caplog.at_level("WARNING", logger="gcp_jax"):
+        result = loop.train_and_evaluate(tiny_config.get_config(data_dir), str(tmp_path))
+    assert result.step == 8 and result.stopped_by is None and result.final is not None
+    assert ckpt_lib.Checkpoints(tmp_path, read_only=True).latest_step() == 8
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "SIGTERM: the last step is done; the run finishes with its final evaluation and checkpoint (SIGTERM again "
+        "exits at once, without them)."
+    ]
+
+
+def test_refused_weight_file_leaves_nothing_behind(tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    config = tiny_config.get_config(data_dir)
+    config.model.pretrained = str(tmp_path / "damaged.npz")
+    pathlib.Path(config.model.pretrained).write_bytes(b"not a weight file")
+    with pytest.raises(ValueError, match=r"damaged\.npz"):
+        loop.train_and_evaluate(config, str(workdir))
+    assert not workdir.exists()
+
+
 # --------------------------------------------------------------------------------------
 # Checkpoint retention and verification (tiny pytrees)
 
