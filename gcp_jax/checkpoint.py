@@ -314,7 +314,7 @@ class Checkpoints:
             if not os.path.isdir(self.directory):
                 if self._existed:
                     raise FileNotFoundError(errno.ENOENT, "the folder is gone", self.directory)
-                os.makedirs(self.directory)
+                os.makedirs(self.directory, exist_ok=True)  # every process of a multi-host run tries it
                 self._existed = True
             fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=self.directory)
             os.close(fd)
