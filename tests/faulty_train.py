@@ -14,7 +14,6 @@ FAULT:
             where no small file system can be mounted)
   erofs=N   the checkpoint folder is read-only from the save of step N on: bind-mounted read-only
             where mounts are allowed (the test unmounts it), else its writes fail with EROFS
-  rofs      the workdir cannot be written (EROFS), where the test cannot mount it read-only
 """
 
 import errno
@@ -114,13 +113,6 @@ def _inject(fault: str) -> None:
             return real_check(self, step)
 
         checkpoint.Checkpoints._check_writable = check_writable
-    elif name == "rofs":
-        from gcp_jax import writer_lock
-
-        def read_only(workdir):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), workdir)
-
-        writer_lock._acquire = read_only
     elif name != "none":
         raise SystemExit(f"unknown fault {fault!r}")
 

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import tiny_config
 
-from gcp_jax import assembly, data, loop, metrics, run_config, sharding, writer_lock
+from gcp_jax import assembly, cli, data, loop, metrics, run_config, sharding, writer_lock
 from gcp_jax import checkpoint as ckpt_lib
 from gcp_jax import config as config_lib
 
@@ -356,16 +356,21 @@ def test_read_only_checkpoints_stop_the_run_at_once(tmp_path, data_dir, jax_cach
     assert without_rates(metrics.read_metrics(workdir)) == without_rates(metrics.read_metrics(reference[0]))
 
 
-def test_read_only_workdir_is_one_line(tmp_path, data_dir, jax_cache, reference):
+def test_read_only_workdir_is_one_line(tmp_path, data_dir, reference, monkeypatch):
+    """A workdir that cannot be written: one sentence (train.py prints it as its error line), nothing run."""
     workdir = copy_run(reference, tmp_path, drop_steps=[8])
     with read_only_mount(workdir) as mounted:
-        run = Process(workdir, data_dir, jax_cache, fault="none" if mounted else "rofs")
-        assert run.finish() == 1
-    assert (
-        run.lines[-1] == f"error: cannot write in {workdir} (Read-only file system); make it writable, or give a "
-        "--workdir that is."
-    ), run.output
-    assert_quiet(run.output)
+        if not mounted:
+
+            def read_only(workdir):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), workdir)
+
+            monkeypatch.setattr(writer_lock, "_acquire", read_only)
+        with pytest.raises(writer_lock.UnwritableWorkdirError) as refused:
+            loop.train_and_evaluate(tiny_config.get_config(data_dir), workdir)
+    assert cli.user_error(refused.value, workdir) == (
+        f"cannot write in {workdir} (Read-only file system); make it writable, or give a --workdir that is."
+    )
 
 
 # --------------------------------------------------------------------------------------
