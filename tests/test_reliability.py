@@ -290,19 +290,20 @@ def test_second_trainer_is_refused_and_a_killed_one_blocks_nothing(tmp_path, dat
     """Two trainers on one workdir: the second exits 1 at once naming the first, which it leaves alone;
     the first, killed by SIGKILL, leaves its lock file but no lock: the next start resumes."""
     first = Process(tmp_path, data_dir, jax_cache, "--config.log_every_steps=1", fault="hang=3")
-    first.wait_for("step 2/8")  # then its third batch never arrives
-    while not any(r["step"] == 2 for r in metrics.read_metrics(tmp_path)):
-        time.sleep(0.05)
-    time.sleep(0.5)  # its TensorBoard record of step 2 too
-    before = snapshot(tmp_path)
-    second = Process(tmp_path, data_dir, jax_cache)
-    assert second.finish() == 1
-    holder = f"pid {first._popen.pid} on host {socket.gethostname()} since "
-    assert second.lines[-1].startswith(f"error: {tmp_path} is in use by another trainer ({holder}"), second.output
-    assert_quiet(second.output)
-    assert first.running() and snapshot(tmp_path) == before
-
-    first.send(signal.SIGKILL)
+    try:
+        first.wait_for("step 2/8")  # then its third batch never arrives
+        while not any(r["step"] == 2 for r in metrics.read_metrics(tmp_path)):
+            time.sleep(0.05)
+        time.sleep(0.5)  # its TensorBoard record of step 2 too
+        before = snapshot(tmp_path)
+        second = Process(tmp_path, data_dir, jax_cache)
+        assert second.finish() == 1
+        holder = f"pid {first._popen.pid} on host {socket.gethostname()} since "
+        assert second.lines[-1].startswith(f"error: {tmp_path} is in use by another trainer ({holder}"), second.output
+        assert_quiet(second.output)
+        assert first.running() and snapshot(tmp_path) == before
+    finally:
+        first.send(signal.SIGKILL)
     assert first.finish() == -signal.SIGKILL
     lock_file = os.path.join(tmp_path, writer_lock.LOCK_FILE)
     assert os.path.exists(lock_file)  # what a kill leaves: the holder's name, no lock
