@@ -19,18 +19,26 @@ template is not damaged: it does not fit the config (`MismatchError`); nor is a 
 nothing about the files (a bug, a permission): that is raised as it is. Checkpoints written before
 fingerprints existed, or with another fingerprint algorithm, restore with a warning that only their
 finiteness could be verified.
+
+A save that cannot write (a full disk, a read-only or vanished folder, no permission) raises
+SaveError, naming the step and the checkpoint the run would resume from, and nothing more is
+written: the folder is tried before each save, and a failure of the background write surfaces at
+the next `check()` (the loop calls it every step) or save.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
 import sys
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -40,12 +48,15 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 CHECKPOINT_DIR = "checkpoints"
+CONFIG_KEY = "config"  # meta[CONFIG_KEY]: the run's config (the loop's, as a JSON dict)
 CHECK_KEY = "checkpoint"  # meta[CHECK_KEY] = {"score": float | None, "fingerprint": str, "algorithm": str}
 FINGERPRINT = "sha256-of-leaf-bytes/1"  # `fingerprint`'s algorithm; another one cannot be checked here
 DAMAGED_SUFFIX = ".damaged-"
 INCOMPLETE_SUFFIX = ".incomplete-"
 UNFINISHED_SAVE = re.compile(r"(\d+)\.orbax-checkpoint-tmp(-\d+)?")  # Orbax writes here, then renames to <step>
 DISK_FULL = "No space left on device"  # strerror(ENOSPC), also in TensorStore's messages
+# What a save that cannot write reports: a full disk, a read-only file system, no permission, a vanished folder.
+_SAVE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT)
 log = logging.getLogger("gcp_jax.checkpoint")
 
 
@@ -55,6 +66,10 @@ class DamagedCheckpointError(ValueError):
 
 class MismatchError(ValueError):
     """A checkpoint whose arrays have other names or shapes than this config's state."""
+
+
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (its OSError is the cause); the run must stop."""
 
 
 # --------------------------------------------------------------------------------------
@@ -141,13 +156,23 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
 
 
-class _NoDiskFullReports(logging.Filter):
-    """Drops Orbax's log records (with tracebacks) about a full disk: the error reaches the caller of
-    `Checkpoints.save`/`wait`, and the program says it once."""
+def _is_write_failure(error: BaseException | None) -> bool:
+    """Whether `error` (or a cause of it) is a failure to write files (`_SAVE_ERRNOS`)."""
+    while error is not None:
+        if DISK_FULL in str(error) or (isinstance(error, OSError) and error.errno in _SAVE_ERRNOS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class _NoWriteFailureReports(logging.Filter):
+    """Drops Orbax's log records (with tracebacks) about a save that could not write (a full disk, a
+    read-only folder, ...): the error reaches the caller of `Checkpoints.save`/`check`/`wait`, and the
+    program says it once."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        return DISK_FULL not in f"{record.getMessage()} {error}"
+        return DISK_FULL not in record.getMessage() and not _is_write_failure(error)
 
 
 class _NoLeftoverReadTasks(logging.Filter):
@@ -180,8 +205,8 @@ def _is_orbax_leftover(unraisable) -> bool:
 def _quiet_orbax_failures() -> None:
     """Let a failed save or restore be reported once, by the caller: filter Orbax's echoes of it (idempotent)."""
     orbax_log = logging.getLogger("absl")  # Orbax logs through absl.logging
-    if not any(isinstance(f, _NoDiskFullReports) for f in orbax_log.filters):
-        orbax_log.addFilter(_NoDiskFullReports())
+    if not any(isinstance(f, _NoWriteFailureReports) for f in orbax_log.filters):
+        orbax_log.addFilter(_NoWriteFailureReports())
     asyncio_log = logging.getLogger("asyncio")
     if not any(isinstance(f, _NoLeftoverReadTasks) for f in asyncio_log.filters):
         asyncio_log.addFilter(_NoLeftoverReadTasks())
@@ -212,7 +237,16 @@ class Checkpoints:
         if read_only and not os.path.isdir(self.directory):
             raise FileNotFoundError(f"No checkpoint in {self.directory}; train first or point --workdir at a run.")
         self._keep, self._read_only = keep, read_only
-        options = ocp.CheckpointManagerOptions(enable_async_checkpointing=use_async, create=not read_only)
+        self._existed = os.path.isdir(self.directory)  # if so, and it goes, the save says so (no new empty one)
+        self._pending: int | None = None  # the step being written in the background
+        self._failed = False  # a save failed: nothing more is written or waited for
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=use_async,
+            create=False,  # see save
+            # A step folder that cannot be made fails the save at once; made in the background, the
+            # failure left Orbax's other threads waiting minutes for it ("Timeout waiting for key").
+            async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
+        )
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._scores: dict[int, float | None] = {}
@@ -241,23 +275,68 @@ class Checkpoints:
 
         `score` (an eval top-1 of this step) makes it a candidate for the best checkpoint. The
         previous save is completed first (its errors surface here), then old checkpoints are pruned.
-        Returns False when `step` is already saved.
+        The directory is created by the first save and must be writable: else SaveError, before
+        anything is written. Returns False when `step` is already saved.
         """
         if step in self._manager.all_steps():
             return False
         self.wait()
+        self._check_writable(step)
         digest, _ = fingerprint(state)
         record = {**meta, CHECK_KEY: {"score": score, "fingerprint": digest, "algorithm": FINGERPRINT}}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record))
-        self._manager.save(step, args=args, force=True)
+        with self._failing_save(step):
+            self._manager.save(step, args=args, force=True)
+        self._pending = step
         self._scores[step] = score
         return True
 
+    def check(self) -> None:
+        """Raise SaveError if the save being written in the background has failed (cheap: call it every step)."""
+        if self._pending is not None and not self._failed:
+            with self._failing_save(self._pending):
+                self._manager.check_for_errors()
+
     def wait(self) -> None:
         """Block until pending saves are on disk, then remove the checkpoints no longer kept."""
-        self._manager.wait_until_finished()
-        self._manager.check_for_errors()
+        if self._failed:
+            return
+        if self._pending is not None:
+            with self._failing_save(self._pending):
+                self._manager.wait_until_finished()
+                self._manager.check_for_errors()
+            self._pending = None
         self._prune()
+
+    def _check_writable(self, step: int) -> None:
+        """Create the directory (first save) and write a file in it, or raise SaveError naming `step`."""
+        with self._failing_save(step):
+            if not os.path.isdir(self.directory):
+                if self._existed:
+                    raise FileNotFoundError(errno.ENOENT, "the folder is gone", self.directory)
+                os.makedirs(self.directory, exist_ok=True)  # every process of a multi-host run tries it
+                self._existed = True
+            fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=self.directory)
+            os.close(fd)
+            os.remove(probe)
+
+    @contextlib.contextmanager
+    def _failing_save(self, step: int) -> Iterator[None]:
+        """Turn a failure to write the checkpoint of `step` into SaveError (and write nothing more)."""
+        try:
+            yield
+        except Exception as e:
+            if not _is_write_failure(e):
+                raise
+            self._failed = True
+            done = [s for s in _complete_steps(self.directory) if s != step]
+            resume = f"step {done[-1]}, its last complete checkpoint" if done else "step 0 (no checkpoint is complete)"
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else _first_line(e)
+            raise SaveError(
+                f"cannot save the checkpoint of step {step} in {self.directory} ({reason}); make it "
+                f"writable, then run the same command: the run resumes from {resume}, and the records of later "
+                "steps in metrics.jsonl are replaced by the resumed run's."
+            ) from e
 
     def best_step(self) -> int | None:
         """The step of the best-scoring checkpoint on disk (the earliest of equals), or None."""
@@ -290,9 +369,7 @@ class Checkpoints:
         return self._scores[step]
 
     def _read_meta(self, step: int) -> dict[str, Any]:
-        """The meta item alone (through its handler, as Orbax reads its own metrics)."""
-        path = epath.Path(self.directory) / str(step) / "meta"
-        return dict(ocp.JsonCheckpointHandler().restore(path, ocp.args.JsonRestore()))
+        return _read_meta(self.directory, step)
 
     # --- restoring ------------------------------------------------------------------------
 
@@ -400,3 +477,29 @@ def has_checkpoint(workdir: str) -> bool:
         return checkpoints.latest_step() is not None
     finally:
         checkpoints.close()
+
+
+def _complete_steps(directory: str) -> list[int]:
+    """The steps whose folders are in `directory`, oldest first (Orbax renames a finished save to <step>)."""
+    with contextlib.suppress(OSError):
+        return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+    return []
+
+
+def _read_meta(directory: str, step: int) -> dict[str, Any]:
+    """The meta item of `step` alone (through its handler, as Orbax reads its own metrics)."""
+    path = epath.Path(directory) / str(step) / "meta"
+    return dict(ocp.JsonCheckpointHandler().restore(path, ocp.args.JsonRestore()))
+
+
+def newest_config(workdir: str) -> tuple[int, dict[str, Any] | None] | None:
+    """(step, the config the run had when it saved it) of workdir's newest checkpoint whose meta can be
+    read; the config is None in a checkpoint of a version that did not keep it. None: no checkpoint."""
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    for step in reversed(_complete_steps(directory)):
+        try:
+            record = _read_meta(directory, step)
+        except Exception:  # damaged: the next older one says what the run was (restore sets it aside)
+            continue
+        return step, record.get(CONFIG_KEY)
+    return None

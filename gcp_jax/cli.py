@@ -42,7 +42,7 @@ EXIT_USAGE = 2
 EXIT_STATUSES = {
     0: "the run completed (or `eval_only` evaluated)",
     EXIT_ERROR: "an error with a one-line message: config, data, weights, a damaged checkpoint for `eval_only`, too "
-    "many non-finite steps, a full disk",
+    "many non-finite steps, a workdir in use by another trainer or not writable, a checkpoint that cannot be saved",
     EXIT_USAGE: "a command-line flag or config file that cannot be parsed",
     stopping.EXIT_HUNG: "the watchdog: no step finished within `step_timeout_s`",
     stopping.exit_code(signal.SIGINT): "stopped by SIGINT (Ctrl-C) before the last step; a checkpoint was saved "
@@ -162,7 +162,7 @@ def config_to_run(command: Command, workdir: str) -> ConfigDict:
     In a workdir without a run, eval_only evaluates the --config model (e.g. a weight file as loaded).
     """
     config = command.config
-    if not run_config.saved_config_path(workdir):  # a new run, or eval_only of a weight file
+    if not run_config.has_saved_config(workdir):  # a new run, or eval_only of a weight file
         return config
     if config.eval_only:
         return run_config.load_config_with(workdir, command.overrides, eval_only=True)
@@ -178,7 +178,7 @@ def user_error(error: Exception, workdir: str) -> str | None:
             f"no space left on the disk holding {os.path.abspath(workdir)}; free some space, then run the same "
             "command: the run resumes from its last complete checkpoint."
         )
-    if isinstance(error, (ValueError, FileNotFoundError, loop.NonFiniteError)):
+    if isinstance(error, (ValueError, FileNotFoundError, loop.NonFiniteError, checkpoint.SaveError)):
         return str(error)
     return None
 

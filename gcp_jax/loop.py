@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from gcp_jax import assembly, run_config, sharding, steps, stopping, weights_eval
+from gcp_jax import assembly, run_config, sharding, steps, stopping, weights_eval, writer_lock
 from gcp_jax import checkpoint as ckpt_lib
 from gcp_jax import config as config_lib
 from gcp_jax import metrics as metrics_lib
@@ -79,6 +79,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, mesh=None) -> assemb
     """
     metrics_lib.setup_logging()
     config_lib.validate(config)
+    with writer_lock.hold(workdir):  # a second trainer on workdir is refused before anything is read
+        return _train_and_evaluate(config, workdir, mesh)
+
+
+def _train_and_evaluate(config: ConfigDict, workdir: str, mesh) -> assembly.RunResult:
     run_config.check_config_change(config, workdir)
     run = assembly.Run(config, mesh)
     checkpoints = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
@@ -87,6 +92,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, mesh=None) -> assemb
     except BaseException:
         checkpoints.close()
         raise
+    meta[ckpt_lib.CONFIG_KEY] = run_config.config_record(config)  # a lost config.json comes back from it
     start = int(state.step)
     run_config.save_config(config, workdir, start)
     if start >= run.total_steps:
@@ -113,6 +119,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, mesh=None) -> assemb
                     if jax.process_count() == 1:
                         graceful.enter_context(stopping.graceful())
                 watchdog.kick()
+                checkpoints.check()  # a save that failed in the background stops the run now
                 if (
                     config.spectrum_every_steps
                     and config.model.head == "gcp"
@@ -121,6 +128,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str, *, mesh=None) -> assemb
                     writer.write(step, "spectrum", run.spectrum_summary(state, batch))
                 pending.append(step_metrics)
                 stopped_by = _stop_signal(step) if step < run.total_steps else None  # the last step: done
+                if step == run.total_steps:
+                    stopping.finishing()
                 if step % config.log_every_steps == 0 or step == run.total_steps or stopped_by:
                     record = _train_record(run, step, pending, int(jax.device_get(state.nonfinite)))
                     record["skipped_images"] = skipped_before + sharding.total_over_processes(batches.num_skipped)

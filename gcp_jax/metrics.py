@@ -176,6 +176,8 @@ def _clean(path: str, start_step: int | None) -> list[dict[str, Any]]:
     kept = [(line, r) for line, r in records if start_step is None or r.get("step", 0) <= start_step]
     if bad:
         LOGGER.warning(f"{path}: dropped line(s) {', '.join(map(str, bad))}, which are not whole JSON records.")
+    if len(kept) < len(records):
+        log(f"{path}: {len(records) - len(kept)} records after step {start_step} are replaced by this run's.")
     if bad or len(kept) != len(records) or not whole:
         temporary = f"{path}.tmp"
         with open(temporary, "w", encoding="utf-8") as f:

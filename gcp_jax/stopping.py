@@ -8,7 +8,8 @@ the phase:
 - start-up, compilation of the first step, evaluation-only runs: nothing is lost by stopping, so
   the process exits at once with 128 + the signal number (130 for SIGINT, 143 for SIGTERM);
 - training (`graceful()`): the first signal asks the loop to stop at the next step boundary with a
-  checkpoint (`requested()`); a second one exits at once.
+  checkpoint (`requested()`); a second one exits at once. After the last step (`finishing()`) the
+  first signal only says that the run finishes (its final evaluation and checkpoint, exit 0).
 
 Exiting at once is `os._exit` after flushing stdout and stderr: no interpreter teardown. An
 interrupted first compilation otherwise crashed at exit (a KeyboardInterrupt abandons jaxlib's
@@ -40,6 +41,7 @@ LOGGER = logging.getLogger("gcp_jax.stopping")
 _lock = threading.RLock()  # re-entrant: without install(), the SIGTERM handler runs in the main thread
 _graceful = False  # Inside `graceful()`: the first signal only asks the loop to stop.
 _requested: signal.Signals | None = None  # The first signal received in graceful mode.
+_finishing = False  # Inside `graceful()`, after the last step: the run finishes anyway.
 _installed = False
 
 
@@ -86,10 +88,16 @@ def _on_signal(sig: signal.Signals) -> None:
         if _graceful and _requested is None:
             _requested = sig
             again = "Ctrl-C" if sig == signal.SIGINT else sig.name
-            LOGGER.warning(
-                f"{sig.name}: stopping at the end of this step with a checkpoint; run the same command to "
-                f"resume ({again} again exits at once)."
-            )
+            if _finishing:
+                LOGGER.warning(
+                    f"{sig.name}: the last step is done; the run finishes with its final evaluation and checkpoint "
+                    f"({again} again exits at once, without them)."
+                )
+            else:
+                LOGGER.warning(
+                    f"{sig.name}: stopping at the end of this step with a checkpoint; run the same command to "
+                    f"resume ({again} again exits at once)."
+                )
             return
     if _requested is not None:
         reason = f"{sig.name} again: exiting at once; the steps since the last checkpoint are lost."
@@ -116,12 +124,12 @@ def graceful():
     Without `install()` (gcp_jax used as a library, e.g. from a notebook), SIGTERM alone is handled,
     and only while inside: its previous handler is restored on exit.
     """
-    global _graceful, _requested
+    global _graceful, _requested, _finishing
     previous = None
     if not _installed and threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: _on_signal(signal.Signals(signum)))
     with _lock:
-        _graceful, _requested = True, None
+        _graceful, _requested, _finishing = True, None, False
     try:
         yield
     finally:
@@ -129,6 +137,13 @@ def graceful():
             _graceful = False
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def finishing() -> None:
+    """Inside `graceful()`: the last step is done, so a first signal lets the run finish (and says so)."""
+    global _finishing
+    with _lock:
+        _finishing = True
 
 
 def requested() -> signal.Signals | None:

@@ -12,10 +12,13 @@ FAULT:
             XLA (a host callback that waits forever), as in a real hang
   enospc=N  saving the checkpoint of step N fails with "No space left on device" (a full disk,
             where no small file system can be mounted)
+  erofs=N   the checkpoint folder is read-only from the save of step N on: bind-mounted read-only
+            where mounts are allowed (the test unmounts it), else its writes fail with EROFS
 """
 
 import errno
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -61,6 +64,20 @@ def _block_inside_xla() -> None:
     jax.block_until_ready(callback(np.float32(0)))
 
 
+def _read_only(folder: str) -> None:
+    """Make `folder` read-only: a read-only bind mount, or (no mounts allowed) EROFS from its writes."""
+    mount = subprocess.run(["mount", "--bind", folder, folder], capture_output=True)
+    if not mount.returncode:
+        subprocess.run(["mount", "-o", "remount,ro,bind", folder, folder], check=True)
+        return
+    from gcp_jax import checkpoint
+
+    def mkstemp(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), folder)
+
+    checkpoint.tempfile.mkstemp = mkstemp
+
+
 def _one_device() -> None:
     import jax
 
@@ -87,6 +104,15 @@ def _inject(fault: str) -> None:
             return real_save(self, step, *args, **kwargs)
 
         checkpoint.Checkpoints.save = save
+    elif name == "erofs":
+        real_check = checkpoint.Checkpoints._check_writable
+
+        def check_writable(self, step):
+            if step == int(value):
+                _read_only(self.directory)
+            return real_check(self, step)
+
+        checkpoint.Checkpoints._check_writable = check_writable
     elif name != "none":
         raise SystemExit(f"unknown fault {fault!r}")
 

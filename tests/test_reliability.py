@@ -16,6 +16,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,7 +28,7 @@ import numpy as np
 import pytest
 import tiny_config
 
-from gcp_jax import assembly, data, loop, metrics, run_config, sharding
+from gcp_jax import assembly, cli, data, loop, metrics, run_config, sharding, writer_lock
 from gcp_jax import checkpoint as ckpt_lib
 from gcp_jax import config as config_lib
 
@@ -182,7 +183,7 @@ def test_sigint_during_compilation_exits_at_once(tmp_path, data_dir, jax_cache):
     assert time.monotonic() - sent < 10
     assert "SIGINT: exiting (nothing to save yet)." in run.output
     assert_quiet(run.output)
-    assert not os.listdir(tmp_path / "checkpoints")
+    assert not glob.glob(str(tmp_path / "checkpoints" / "*"))  # nothing saved (the folder comes with a save)
 
 
 def test_sigint_then_sigterm_stop_at_a_step_boundary_and_resume(tmp_path, data_dir, jax_cache, reference):
@@ -283,6 +284,94 @@ def test_full_disk_is_one_line_then_resume(tmp_path, data_dir, jax_cache, refere
         if resize:
             resize(32)
         assert_same_end(workdir, data_dir, reference)
+
+
+def test_second_trainer_is_refused_and_a_killed_one_blocks_nothing(tmp_path, data_dir, jax_cache, reference):
+    """Two trainers on one workdir: the second exits 1 at once naming the first, which it leaves alone;
+    the first, killed by SIGKILL, leaves its lock file but no lock: the next start resumes."""
+    first = Process(tmp_path, data_dir, jax_cache, "--config.log_every_steps=1", fault="hang=3")
+    try:
+        first.wait_for("step 2/8")  # then its third batch never arrives
+        while not any(r["step"] == 2 for r in metrics.read_metrics(tmp_path)):
+            time.sleep(0.05)
+        time.sleep(0.5)  # its TensorBoard record of step 2 too
+        before = snapshot(tmp_path)
+        second = Process(tmp_path, data_dir, jax_cache)
+        assert second.finish() == 1
+        holder = f"pid {first._popen.pid} on host {socket.gethostname()} since "
+        assert second.lines[-1].startswith(f"error: {tmp_path} is in use by another trainer ({holder}"), second.output
+        assert_quiet(second.output)
+        assert first.running() and snapshot(tmp_path) == before
+    finally:
+        first.send(signal.SIGKILL)
+    assert first.finish() == -signal.SIGKILL
+    lock_file = os.path.join(tmp_path, writer_lock.LOCK_FILE)
+    assert os.path.exists(lock_file)  # what a kill leaves: the holder's name, no lock
+    assert_same_end(str(tmp_path), data_dir, reference)
+    assert not os.path.exists(lock_file)
+
+
+def test_readers_are_not_blocked_by_the_trainer(tmp_path, data_dir, reference):
+    """While a trainer holds the workdir: eval_only works; a trainer in this process is refused too."""
+    workdir = copy_run(reference, tmp_path)
+    with writer_lock.hold(workdir):
+        result = loop.evaluate_checkpoint(run_config.load_config_with(workdir, {}, eval_only=True), workdir)
+        assert result.final == reference[1].final
+        with pytest.raises(writer_lock.WorkdirInUseError, match=f"in use by another trainer \\(pid {os.getpid()} "):
+            loop.train_and_evaluate(tiny_config.get_config(data_dir), workdir)
+
+
+@contextlib.contextmanager
+def read_only_mount(path):
+    """`path` bind-mounted read-only on itself (root only); yields whether it is."""
+    if subprocess.run(["mount", "--bind", path, path], capture_output=True).returncode:
+        yield False
+        return
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", path, path], check=True)
+        yield True
+    finally:
+        subprocess.run(["umount", path], check=True)
+
+
+def test_read_only_checkpoints_stop_the_run_at_once(tmp_path, data_dir, jax_cache, reference, caplog):
+    """The checkpoint folder turns read-only before the save of step 8: one line, exit 1, no hang; the
+    records of steps after step 4 are said to be redone, and are, by the resumed run."""
+    workdir = str(tmp_path / "run")
+    folder = os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)
+    run = Process(workdir, data_dir, jax_cache, fault="erofs=8")
+    try:
+        assert run.finish(120) == 1
+    finally:
+        subprocess.run(["umount", folder], capture_output=True)  # where the fault could mount it
+    assert run.lines[-1].startswith(
+        f"error: cannot save the checkpoint of step 8 in {folder} (Read-only file system); make it writable, then "
+        "run the same command: the run resumes from step 4, its last complete checkpoint"
+    ), run.output
+    assert_quiet(run.output)
+    assert ckpt_lib.Checkpoints(workdir, read_only=True).steps() == [4]
+    assert max(r["step"] for r in metrics.read_metrics(workdir)) == 8  # recorded, and said to be redone
+    with caplog.at_level("INFO", logger="gcp_jax"):
+        assert_same_end(workdir, data_dir, reference)
+    assert "records after step 4 are replaced by this run's" in caplog.text
+    assert without_rates(metrics.read_metrics(workdir)) == without_rates(metrics.read_metrics(reference[0]))
+
+
+def test_read_only_workdir_is_one_line(tmp_path, data_dir, reference, monkeypatch):
+    """A workdir that cannot be written: one sentence (train.py prints it as its error line), nothing run."""
+    workdir = copy_run(reference, tmp_path, drop_steps=[8])
+    with read_only_mount(workdir) as mounted:
+        if not mounted:
+
+            def read_only(workdir):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), workdir)
+
+            monkeypatch.setattr(writer_lock, "_acquire", read_only)
+        with pytest.raises(writer_lock.UnwritableWorkdirError) as refused:
+            loop.train_and_evaluate(tiny_config.get_config(data_dir), workdir)
+    assert cli.user_error(refused.value, workdir) == (
+        f"cannot write in {workdir} (Read-only file system); make it writable, or give a --workdir that is."
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -398,6 +487,133 @@ def test_checkpoint_of_another_shape_does_not_fit(tmp_path, data_dir, reference,
     assert "Exception ignored" not in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("text", ["", "{}", "[]", '{"seed": 0}'])
+def test_config_json_that_is_no_run_config_is_refused(text, tmp_path, data_dir, reference):
+    """An empty or truncated config.json is not read as the default config (another data set, model, ...)."""
+    workdir = copy_run(reference, tmp_path)
+    path = os.path.join(workdir, "config.json")
+    pathlib.Path(path).write_text(text, encoding="utf-8")
+    refusal = f"{path}, the run's saved config, (cannot be read|is not a config of train.py)"
+    with pytest.raises(config_lib.ConfigError, match=refusal):
+        run_config.load_config_with(workdir, {}, eval_only=True)
+    with pytest.raises(config_lib.ConfigError, match=refusal):
+        loop.train_and_evaluate(tiny_config.get_config(data_dir), workdir)
+
+
+def test_empty_config_json_is_one_line_before_any_data(tmp_path, data_dir, jax_cache, reference):
+    workdir = copy_run(reference, tmp_path)
+    pathlib.Path(workdir, "config.json").write_text("{}", encoding="utf-8")
+    before = snapshot(workdir)
+    run = Process(workdir, data_dir, jax_cache)
+    assert run.finish() == 1
+    assert run.lines[-1].startswith(f"error: {workdir}/config.json, the run's saved config, is not a config of "), (
+        run.output
+    )
+    assert_quiet(run.output)
+    assert snapshot(workdir) == before
+
+
+def test_config_json_of_another_run_is_refused(tmp_path, data_dir, reference):
+    workdir = copy_run(reference, tmp_path)
+    other = tiny_config.get_config(data_dir)
+    other.optim.learning_rate, other.gcp.dim = 0.1, 6
+    path = os.path.join(workdir, "config.json")
+    pathlib.Path(path).write_text(other.to_json_best_effort(), encoding="utf-8")
+    before = snapshot(workdir)
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=f"{path} describes another run than the checkpoint at step 8 .*gcp.dim \\(6 -> 8\\), "
+        "optim.learning_rate \\(0.1 -> 0.05\\)",
+    ):
+        loop.train_and_evaluate(tiny_config.get_config(data_dir), workdir)
+    assert snapshot(workdir) == before
+
+
+def test_lost_config_json_comes_back_from_the_checkpoint_and_guards_the_resume(tmp_path, data_dir, reference, caplog):
+    """Without config.json the newest checkpoint's config is the run's: a changed learning rate is refused,
+    eval_only and a resume use it, and the resume writes config.json again."""
+    workdir = copy_run(reference, tmp_path, drop_steps=[8])
+    os.remove(os.path.join(workdir, "config.json"))
+    changed = tiny_config.get_config(data_dir)
+    changed.optim.learning_rate = 0.1
+    before = snapshot(workdir)
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"saved config \(the checkpoint at step 4 in .*\) in optim\.learning_rate \(0\.05 -> 0\.1\)",
+    ):
+        loop.train_and_evaluate(changed, workdir)
+    assert snapshot(workdir) == before
+    assert run_config.has_saved_config(workdir)
+    evaluated = run_config.load_config_with(workdir, {}, eval_only=True)
+    assert not run_config._refused_changes(evaluated, tiny_config.get_config(data_dir))
+    with caplog.at_level("INFO", logger="gcp_jax"):
+        assert_same_end(workdir, data_dir, reference)
+    assert f"{workdir}/config.json was missing: restored from the checkpoint at step 4" in caplog.text
+    assert run_config.load_config(workdir).to_dict() == run_config.load_config(reference[0]).to_dict()
+
+
+def test_checkpoints_without_their_config_and_no_config_json(tmp_path, data_dir, reference):
+    """Checkpoints of an earlier version (no config kept) and config.json lost: nothing to check a config
+    against, so a resume needs allow_config_change, and then keeps its config."""
+    workdir = copy_run(reference, tmp_path)
+    os.remove(os.path.join(workdir, "config.json"))
+    for meta in glob.glob(os.path.join(workdir, "checkpoints", "*", "meta", "metadata")):
+        record = json.loads(pathlib.Path(meta).read_text(encoding="utf-8"))
+        record.pop(ckpt_lib.CONFIG_KEY)
+        pathlib.Path(meta).write_text(json.dumps(record), encoding="utf-8")
+    config = tiny_config.get_config(data_dir)
+    with pytest.raises(config_lib.ConfigError, match=r"holds checkpoints but no config\.json.*allow_config_change"):
+        loop.train_and_evaluate(config, workdir)
+    with pytest.raises(FileNotFoundError, match=r"config\.json not found"):
+        run_config.load_config_with(workdir, {}, eval_only=True)
+    config.allow_config_change = True
+    assert loop.train_and_evaluate(config, workdir).step == 8
+    assert run_config.saved_config_path(workdir) == os.path.join(workdir, "config.json")
+
+
+def test_eval_only_names_only_the_overrides_it_ignores(tmp_path, reference, caplog):
+    workdir = copy_run(reference, tmp_path)
+    with caplog.at_level("WARNING", logger="gcp_jax"):
+        config = run_config.load_config_with(
+            workdir, {"optim.learning_rate": 0.05, "batch_size": 16, "eval_flip": True}, eval_only=True
+        )
+    assert config.eval_flip and config.batch_size == 8
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.endswith("ignored: --config.batch_size")
+
+
+def test_sigterm_during_the_final_evaluation_says_the_run_finishes(tmp_path, data_dir, monkeypatch, caplog):
+    """After the last step the run finishes (final eval and checkpoint, not stopped) and says so."""
+    real_eval_batches, calls = data.eval_batches, []
+
+    def eval_batches(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the final evaluation
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_eval_batches(*args, **kwargs)
+
+    monkeypatch.setattr(data, "eval_batches", eval_batches)
+    with caplog.at_level("WARNING", logger="gcp_jax"):
+        result = loop.train_and_evaluate(tiny_config.get_config(data_dir), str(tmp_path))
+    assert result.step == 8 and result.stopped_by is None and result.final is not None
+    assert ckpt_lib.Checkpoints(tmp_path, read_only=True).latest_step() == 8
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "SIGTERM: the last step is done; the run finishes with its final evaluation and checkpoint (SIGTERM again "
+        "exits at once, without them)."
+    ]
+
+
+def test_refused_weight_file_leaves_nothing_behind(tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    config = tiny_config.get_config(data_dir)
+    config.model.pretrained = str(tmp_path / "damaged.npz")
+    pathlib.Path(config.model.pretrained).write_bytes(b"not a weight file")
+    with pytest.raises(ValueError, match=r"damaged\.npz"):
+        loop.train_and_evaluate(config, str(workdir))
+    assert not workdir.exists()
+
+
 # --------------------------------------------------------------------------------------
 # Checkpoint retention and verification (tiny pytrees)
 
@@ -425,11 +641,49 @@ def test_best_checkpoint_survives_restarts_and_failed_saves(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     checkpoints._manager.save = full_disk
-    with pytest.raises(OSError):
+    with pytest.raises(ckpt_lib.SaveError, match=r"step 5 .*No space left on device"):
         checkpoints.save(5, small_state(5), {}, score=None)
     checkpoints._manager.save = real_save
     checkpoints.close()
     assert ckpt_lib.Checkpoints(tmp_path).steps() == [1, 4]
+
+
+def test_save_whose_folder_cannot_be_made_fails_at_once(tmp_path, monkeypatch, capfd):
+    """The folder looked writable, then Orbax cannot make the step's folder: the save raises one
+    SaveError at once (no Orbax thread left waiting minutes for the folder), and nothing is printed."""
+    checkpoints = ckpt_lib.Checkpoints(tmp_path)
+    checkpoints.save(1, small_state(1), {})
+    checkpoints.wait()
+    monkeypatch.setattr(ckpt_lib.Checkpoints, "_check_writable", lambda self, step: None)
+    real_makedirs = os.makedirs
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(checkpoints.directory):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_makedirs(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", read_only)
+    started = time.monotonic()
+    with pytest.raises(ckpt_lib.SaveError, match=r"step 2 .*Read-only file system.*resumes from step 1, its last"):
+        checkpoints.save(2, small_state(2), {})
+    checkpoints.check()
+    checkpoints.close()
+    assert time.monotonic() - started < 10
+    monkeypatch.undo()
+    assert ckpt_lib.Checkpoints(tmp_path).steps() == [1]
+    assert not [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+
+
+def test_vanished_checkpoint_folder_stops_the_save(tmp_path):
+    """The folder of a run's checkpoints is gone: SaveError, and no new empty folder is made."""
+    checkpoints = ckpt_lib.Checkpoints(tmp_path)
+    checkpoints.save(1, small_state(1), {})
+    checkpoints.wait()
+    os.rename(checkpoints.directory, f"{checkpoints.directory}.moved")
+    with pytest.raises(ckpt_lib.SaveError, match=r"step 2 .*the folder is gone.*resumes from step 0"):
+        checkpoints.save(2, small_state(2), {})
+    checkpoints.close()
+    assert not os.path.exists(checkpoints.directory)
 
 
 def test_checkpoint_of_the_previous_version_restores_with_one_warning(tmp_path, caplog):

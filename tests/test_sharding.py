@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 from configs import demo
-from gcp_jax import assembly, data, optim, sharding, steps
+from gcp_jax import assembly, data, optim, sharding, steps, writer_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,8 +55,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_train_together(tmp_path):
-    """train.py as two jax.distributed processes (2 CPU devices each) on localhost: 2 steps + eval."""
+def _two_processes(tmp_path, workdir):
+    """train.py started as two jax.distributed processes (2 CPU devices each) on localhost: (process, stdout,
+    stderr) of each, once both ended."""
     overrides = {
         "data.data_dir": str(tmp_path / "tfds"),
         "data.synthetic.num_classes": 4,
@@ -81,7 +82,6 @@ def test_two_processes_train_together(tmp_path):
     data.dataset_info(config.data)  # generate the data set once, before two processes read it
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    workdir = tmp_path / "run"
     command = [
         sys.executable,
         os.path.join(ROOT, "train.py"),
@@ -103,9 +103,16 @@ def test_two_processes_train_together(tmp_path):
         )
         for i in range(2)
     ]
-    outputs = [p.communicate(timeout=240) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
+    return [(p, *p.communicate(timeout=240)) for p in procs]
+
+
+def test_two_processes_train_together(tmp_path):
+    """train.py as two jax.distributed processes on localhost: 2 steps + eval."""
+    workdir = tmp_path / "run"
+    ended = _two_processes(tmp_path, workdir)
+    for p, _, err in ended:
         assert p.returncode == 0, err[-3000:]
+    outputs = [(out, err) for _, out, err in ended]
     assert "batch 8 over 4 devices, 2 processes" in outputs[0][0]
     assert "metrics:" in outputs[0][0] and "metrics:" not in outputs[1][0]  # only process 0 reports
     with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
@@ -114,3 +121,15 @@ def test_two_processes_train_together(tmp_path):
     (test,) = [r for r in records if r["split"] == "test"]
     assert test["count"] == 20  # every test image once, over both processes' masks
     assert os.listdir(workdir / "checkpoints") == ["2"]
+
+
+def test_two_processes_on_a_workdir_in_use_both_stop(tmp_path):
+    """Process 0 finds the workdir held by another trainer and tells process 1: both exit 1 at once."""
+    workdir = tmp_path / "run"
+    with writer_lock.hold(str(workdir)):
+        ended = _two_processes(tmp_path, workdir)
+    (first, _, err0), (second, _, err1) = ended
+    assert (first.returncode, second.returncode) == (1, 1), err0[-3000:] + err1[-3000:]
+    assert err0.splitlines()[-1].startswith(f"error: {workdir} is in use by another trainer (pid {os.getpid()} ")
+    assert err1.splitlines()[-1] == f"error: {workdir} cannot be used by this run: process 0 says why."
+    assert not workdir.exists()  # nothing of the refused run is left

@@ -12,7 +12,7 @@ LAYERS = (
     ("pooling", "spectrum", "steps"),
     ("models",),
     ("config",),
-    ("data", "pretrained", "run_config"),
+    ("data", "pretrained", "run_config", "writer_lock"),
     ("assembly",),
     ("weights_eval",),
     ("loop",),
