@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import no_network
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,6 +108,21 @@ def test_data_command_start_up_is_quiet():
     )
     assert result.returncode == 1 and not NOISE.findall(result.stderr), result.stderr
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: Unknown data set 'no_such")
+
+
+def test_offline_protocol_data_error_is_one_line(tmp_path):
+    """An FGVC protocol on a machine without network (a proxy that refuses connections): its data set's one
+    error line on stderr, nothing on stdout (no TFDS size line, no progress-bar fragments)."""
+    result = run_train(
+        "--config",
+        "configs/aircraft.py",
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.data.data_dir={tmp_path / 'tfds'}",
+        env=no_network.offline_env(quiet_start_env()),
+    )
+    assert (result.returncode, result.stdout) == (1, ""), result.stdout
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: Data set 'fgvc_aircraft' is not prepared and its files were not found")
 
 
 def test_tensorflow_start_up_noise_is_dropped_and_the_rest_kept(capfd, monkeypatch):
