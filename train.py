@@ -18,6 +18,7 @@ JAX_PROCESS_ID environment variables), or --distributed to let JAX detect the cl
 import errno
 import os
 import re
+import shlex
 import sys
 
 from absl import app, flags, logging
@@ -255,7 +256,7 @@ def summary(result) -> str:
         lines.append(f"best: top1 {result.best_top1:.4f} at step {result.best_step}")
     lines += [
         f"metrics:     {os.path.join(result.workdir, 'metrics.jsonl')}",
-        f"TensorBoard: tensorboard --logdir {os.path.join(result.workdir, 'tensorboard')}",
+        f"TensorBoard: {shlex.join(['tensorboard', '--logdir', os.path.join(result.workdir, 'tensorboard')])}",
     ]
     if result.checkpoints:  # none when a weight file was evaluated as loaded
         lines.append(f"checkpoints: {result.checkpoints}  (config: {training.saved_config_path(result.workdir)})")

@@ -6,8 +6,11 @@ what a user sees on stderr.
 
 import os
 import re
+import shlex
 import subprocess
 import sys
+import tomllib
+import types
 
 import no_network
 import pytest
@@ -123,6 +126,21 @@ def test_offline_protocol_data_error_is_one_line(tmp_path):
     assert (result.returncode, result.stdout) == (1, ""), result.stdout
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.startswith("error: Data set 'fgvc_aircraft' is not prepared and its files were not found")
+
+
+def test_printed_tensorboard_command_pastes_into_a_shell_and_is_installed(tmp_path):
+    """The summary's TensorBoard command, for a workdir with a space and a quote, is one shell command; the
+    program it names comes with the `data` extra that every training needs."""
+    import train
+
+    workdir = str(tmp_path / "my runs" / "it's")
+    result = types.SimpleNamespace(stopped_by=None, final=None, best_step=-1, workdir=workdir, checkpoints="")
+    line = next(line for line in train.summary(result).splitlines() if line.startswith("TensorBoard: "))
+    command = shlex.split(line.removeprefix("TensorBoard: "))
+    assert command == ["tensorboard", "--logdir", os.path.join(workdir, "tensorboard")]
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        extra = tomllib.load(f)["project"]["optional-dependencies"]["data"]
+    assert "tensorboard" in {re.split(r"[<>=~!;\[ ]", requirement)[0] for requirement in extra}, extra
 
 
 def test_tensorflow_start_up_noise_is_dropped_and_the_rest_kept(capfd, monkeypatch):
