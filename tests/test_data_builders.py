@@ -151,7 +151,7 @@ def test_absent_catalog_data_set_offline_real_path(tmp_path, monkeypatch, capsys
 
 
 def test_progress_shows_once_a_download_connects_and_vanishes_with_a_failure(monkeypatch, capsys):
-    from tensorflow_datasets.core.download import downloader  # pylint: disable=g-import-not-at-top
+    from tensorflow_datasets.core.download import downloader
 
     monkeypatch.setattr(downloader, "_open_url", lambda url, **kwargs: "opened")
     bar = "\rDl Completed...: 0 url [00:00, ? url/s]"
