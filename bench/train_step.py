@@ -1,4 +1,4 @@
-"""Train-step benchmark: images/s of gcp_jax.training's jitted step, its forward, memory, the spectral head's share.
+"""Train-step benchmark: images/s of gcp_jax.steps' jitted train step, its forward, memory, the spectral head's share.
 
     python -m bench train_step                    # the docs table: 3 backbones × gap/sqrt/seb, 448 px (2-core CPU: ~15 min)
     python -m bench train_step --archs resnet50 --heads seb --torch on       # + the PyTorch reference recipe
@@ -10,7 +10,7 @@ built as a run builds it (`gcp_jax.config` defaults with the backbone's protocol
 layer4 at stride 1 unless --last-stride says otherwise) and timed on a synthetic in-memory batch
 (no TensorFlow, no download):
 
-- the train step of `gcp_jax.training.make_train_step` (forward, backward through the spectral
+- the train step of `gcp_jax.steps.make_train_step` (forward, backward through the spectral
   layer, SGD with clipping and weight decay, BatchNorm updates, donated state): images/s, seconds;
 - the forward alone (`model.apply`, inference mode);
 - the spectral part of the head alone (covariance → eigh → normalisation → triu, forward and
@@ -39,7 +39,7 @@ import numpy as np
 
 from bench import common, tables
 from bench.timing import compiled_memory_bytes, device_memory_limit, machine_line, time_call
-from gcp_jax import config, linalg, optim, sharding, training
+from gcp_jax import assembly, config, linalg, models, optim, sharding, steps
 
 HEADS = ("gap", "sqrt", "seb")
 NUM_CLASSES = 100
@@ -61,14 +61,14 @@ class Case:
     last_stride: int | None = None
 
 
-def run_config(case: Case):
+def case_config(case: Case):
     """The run config of `case`: gcp_jax.config's defaults, the backbone's protocol, the head and dtype."""
     c = config.with_backbone(config.get_config(), case.arch)
     c.model.head = "gap" if case.head == "gap" else "gcp"
     if case.head != "gap":
         c.gcp.norm = case.head
     c.model.dtype = case.dtype
-    if case.last_stride is not None and case.arch.startswith("resnet"):
+    if case.last_stride is not None and case.last_stride in models.family(case.arch).last_strides:
         c.model.last_stride = case.last_stride
     return c
 
@@ -79,7 +79,7 @@ class Prepared:
 
     model: object
     step: object
-    state: training.TrainState
+    state: steps.TrainState
     batch: dict
     setup_s: float
 
@@ -91,17 +91,17 @@ class Prepared:
 def prepare(case: Case, mesh) -> Prepared:
     """Model, optimiser, state and compiled step of `case`, as a run builds them; raises DoesNotFit."""
     start = time.perf_counter()
-    cfg = run_config(case)
-    model = training.build_model(cfg, NUM_CLASSES)
+    cfg = case_config(case)
+    model = assembly.build_model(cfg, NUM_CLASSES)
     tx = optim.make_optimizer(cfg.optim, optim.learning_rate_schedule(cfg.optim, 100, 100))
-    state = training.create_train_state(training.init_variables(model, case.size, 0, mesh), tx, mesh)
+    state = steps.create_train_state(steps.init_variables(model, case.size, 0, mesh), tx, mesh)
     rng = np.random.default_rng(0)
     local = {
         "image": rng.normal(size=(case.batch, case.size, case.size, 3)).astype(np.float32),
         "label": rng.integers(0, NUM_CLASSES, case.batch).astype(np.int32),
     }
     batch = sharding.global_batch(local, mesh)
-    step = training.make_train_step(model, tx, mesh).lower(state, batch).compile()
+    step = steps.make_train_step(model, tx, mesh).lower(state, batch).compile()
     limit = device_memory_limit()
     if limit is not None and compiled_memory_bytes(step) > limit:
         raise DoesNotFit(f"needs {compiled_memory_bytes(step) / 2**30:.1f} GiB of {limit / 2**30:.1f}")
@@ -156,7 +156,7 @@ def measure(case: Case, mesh, repeats: int, forward: bool = True) -> dict:
         "compile_s": p.setup_s,
     }
     if case.head != "gap":
-        dim = run_config(case).gcp.dim
+        dim = case_config(case).gcp.dim
         row["spectral_s"] = spectral_seconds(case.head, case.batch, side * side, dim, repeats)
         row["spectral_share"] = row["spectral_s"] / step_s
     return row

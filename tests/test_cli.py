@@ -15,6 +15,8 @@ import types
 import no_network
 import pytest
 
+from gcp_jax import cli, run_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MISSPELLED = "config.optim.learnig_rate is not a known field (did you mean config.optim.learning_rate?)."
 
@@ -30,25 +32,32 @@ def run_train(*flags, env=None, timeout=120):
     )
 
 
-@pytest.mark.parametrize("config", [[], ["--config", "configs/demo.py"]], ids=["default config", "--config"])
-def test_misspelled_field_is_one_line(config, tmp_path):
-    result = run_train(*config, "--config.optim.learnig_rate=0.1", f"--workdir={tmp_path}")
-    assert (result.returncode, result.stderr) == (2, f"error: {MISSPELLED}\n")
+def parse(*args):
+    return cli.parse(["train.py", *args])
 
 
-def test_every_override_problem_at_once(tmp_path):
+def problems(*args) -> str:
+    with pytest.raises(cli.UsageError) as error:
+        parse(*args)
+    return str(error.value)
+
+
+@pytest.mark.parametrize("config", [[], ["--config", "configs/demo.py"], ["--config=configs/demo.py"]])
+def test_misspelled_field_is_one_sentence(config):
+    assert problems(*config, "--config.optim.learnig_rate=0.1") == MISSPELLED
+
+
+def test_every_override_problem_at_once():
     """Misspellings, a value its type cannot read and an impossible value: all listed, nothing else."""
-    result = run_train(
+    message = problems(
         "--config.optim.learnig_rate=0.1",
         "--config.batchsize=3",
         "--config.batch_size",  # the value as a separate argument
         "abc",
         "--config.optim.momentum=1.5",
-        f"--workdir={tmp_path}",
     )
-    assert result.returncode == 2
-    assert result.stderr.splitlines() == [
-        "error: 4 problems in the config:",
+    assert message.splitlines() == [
+        "4 problems in the config:",
         f"  - {MISSPELLED}",
         "  - config.batchsize is not a known field (did you mean config.batch_size?).",
         "  - config.batch_size='abc' is not an integer, e.g. --config.batch_size=32.",
@@ -56,9 +65,70 @@ def test_every_override_problem_at_once(tmp_path):
     ]
 
 
-def test_unreadable_value_is_one_line(tmp_path):
-    result = run_train("--config.eval_only=maybe", f"--workdir={tmp_path}")
-    assert (result.returncode, result.stderr) == (2, "error: config.eval_only='maybe' is not True or False.\n")
+def test_unreadable_value_is_one_sentence():
+    assert problems("--config.eval_only=maybe") == "config.eval_only='maybe' is not True or False."
+
+
+def test_overrides_of_every_type_and_form():
+    """`=value`, a separate value, switches and their `--no` form, tuples; the rest is left for absl."""
+    command = parse(
+        "--config",
+        "configs/cub.py:resnet50",
+        "--config.optim.learning_rate",
+        "0.5",
+        "--config.eval_flip",
+        "--noconfig.data.random_crop",
+        "--config.optim.decay_epochs=(3, 7)",
+        "--config.model.pretrained=w.pth",
+        "--workdir=runs/x",
+    )
+    c = command.config
+    assert (c.optim.learning_rate, c.eval_flip, c.data.random_crop) == (0.5, True, False)
+    assert (c.optim.decay_epochs, c.model.pretrained, c.model.arch) == ((3, 7), "w.pth", "resnet50")
+    assert command.overrides == {
+        "optim.learning_rate": 0.5,
+        "eval_flip": True,
+        "data.random_crop": False,
+        "optim.decay_epochs": (3, 7),
+        "model.pretrained": "w.pth",
+    }
+    assert command.config_given and command.config_file == "configs/cub.py:resnet50"
+    assert command.rest == ["train.py", "--config", "configs/cub.py:resnet50", "--workdir=runs/x"]
+    assert cli.default_workdir(command.config_file) == os.path.join("runs", "cub_resnet50")
+
+
+def test_the_demo_without_config():
+    command = parse()
+    assert not command.config_given and command.config_file == cli.DEMO_CONFIG and not command.overrides
+    assert cli.default_workdir(command.config_file) == os.path.join("runs", "demo")
+
+
+def test_config_file_mistakes_are_one_sentence(tmp_path):
+    assert problems("--config=nowhere.py").startswith("cannot load the config file given by --config (")
+    raising = tmp_path / "raising.py"
+    raising.write_text("def get_config(arg=None):\n    raise ValueError(f'no protocol {arg!r}')\n")
+    message = problems(f"--config={raising}:x")
+    assert message == f"--config={raising}:x: get_config() raised ValueError: no protocol 'x'"
+
+
+def test_the_config_file_is_locked():
+    with pytest.raises(AttributeError):
+        parse().config.optim.learnig_rate = 0.1
+
+
+def test_bad_flags_exit_2_with_one_line(tmp_path):
+    result = run_train("--config.optim.learnig_rate=0.1", f"--workdir={tmp_path}")
+    assert (result.returncode, result.stderr) == (2, f"error: {MISSPELLED}\n")
+    result = run_train(f"--workdir={tmp_path}", "--no_such_flag")
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1
+
+
+def test_help_lists_the_flags_and_every_config_field():
+    result = run_train("--help")
+    assert result.returncode == 0 and "--workdir" in result.stdout and "(default: 'None')" not in result.stdout
+    listed = {line.strip().split(" = ")[0] for line in result.stdout.splitlines() if " = " in line}
+    assert listed == {line.split(" = ")[0] for line in cli.config_fields()}
+    assert "optim.learning_rate" in listed and "eval_flip" in listed
 
 
 def test_impossible_value_is_one_line(tmp_path):
@@ -131,11 +201,9 @@ def test_offline_protocol_data_error_is_one_line(tmp_path):
 def test_printed_tensorboard_command_pastes_into_a_shell_and_is_installed(tmp_path):
     """The summary's TensorBoard command, for a workdir with a space and a quote, is one shell command; the
     program it names comes with the `data` extra that every training needs."""
-    import train
-
     workdir = str(tmp_path / "my runs" / "it's")
     result = types.SimpleNamespace(stopped_by=None, final=None, best_step=-1, workdir=workdir, checkpoints="")
-    line = next(line for line in train.summary(result).splitlines() if line.startswith("TensorBoard: "))
+    line = next(line for line in cli.summary(result).splitlines() if line.startswith("TensorBoard: "))
     command = shlex.split(line.removeprefix("TensorBoard: "))
     assert command == ["tensorboard", "--logdir", os.path.join(workdir, "tensorboard")]
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
@@ -165,3 +233,18 @@ def test_tensorflow_start_up_noise_is_dropped_and_the_rest_kept(capfd, monkeypat
                 for line in pair:
                     os.write(2, line)
         assert capfd.readouterr().err == b"".join(expected).decode()
+
+
+def test_the_config_to_run_in_a_workdir_that_holds_a_run(tmp_path):
+    """Without --config a run resumes with its saved config plus the overrides; eval_only takes only the eval
+    overrides; with --config the command line's config is the one to run (the loop then checks the change)."""
+    workdir = str(tmp_path)
+    saved = parse("--config.optim.learning_rate=0.25").config
+    run_config.save_config(saved, workdir)
+    resumed = cli.config_to_run(parse("--config.num_epochs=9"), workdir)
+    assert (resumed.optim.learning_rate, resumed.num_epochs) == (0.25, 9)
+    evaluated = cli.config_to_run(parse("--config.eval_only=True", "--config.optim.momentum=0.5"), workdir)
+    assert evaluated.eval_only and (evaluated.optim.learning_rate, evaluated.optim.momentum) == (0.25, 0.9)
+    given = cli.config_to_run(parse("--config=configs/demo.py"), workdir)
+    assert given.optim.learning_rate != 0.25
+    assert cli.config_to_run(parse(), str(tmp_path / "new")).optim.learning_rate != 0.25

@@ -17,7 +17,7 @@ def tf():
     # are about TensorFlow, not the user's data.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with start_up_noise_dropped():
-        import tensorflow  # pylint: disable=g-import-not-at-top
+        import tensorflow
 
     with contextlib.suppress(RuntimeError):  # TensorFlow was initialised before us; nothing left to hide.
         tensorflow.config.set_visible_devices([], "GPU")
@@ -29,7 +29,7 @@ def tfds():
     """The tensorflow_datasets module, with this package's builders registered."""
     tf()
     with start_up_noise_dropped():
-        import tensorflow_datasets  # pylint: disable=g-import-not-at-top
+        import tensorflow_datasets
 
         from gcp_jax.data import builders  # noqa: F401  (registers the own builders with TFDS)
 
