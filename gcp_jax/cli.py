@@ -13,6 +13,7 @@ import errno
 import importlib.util
 import os
 import re
+import shlex
 import signal
 from collections.abc import Sequence
 from typing import Any
@@ -209,7 +210,7 @@ def summary(result) -> str:
         lines.append(f"best: top1 {result.best_top1:.4f} at step {result.best_step}")
     lines += [
         f"metrics:     {os.path.join(result.workdir, metrics.METRICS_FILE)}",
-        f"TensorBoard: tensorboard --logdir {os.path.join(result.workdir, metrics.TENSORBOARD_DIR)}",
+        f"TensorBoard: {shlex.join(['tensorboard', '--logdir', os.path.join(result.workdir, metrics.TENSORBOARD_DIR)])}",
     ]
     if result.checkpoints:  # none when a weight file was evaluated as loaded
         lines.append(f"checkpoints: {result.checkpoints}  (config: {run_config.saved_config_path(result.workdir)})")

@@ -116,7 +116,9 @@ def data_config() -> config_dict.ConfigDict:
     d.train_split = "trainval"  # TFDS split spec trained on, e.g. "train", "train[:90%]", "train+validation".
     d.eval_split = "test"  # TFDS split spec evaluated on, each example exactly once.
     d.shuffle_buffer = 10_000  # Train shuffle buffer in examples (encoded; decoded+resized when cache=True).
-    d.on_corrupt = "skip"  # An undecodable image: "skip" (drop it, count it, log its name) or "fail".
+    d.on_corrupt = "skip"  # An undecodable or too large image: "skip" (drop it, count it, log its name) or "fail".
+    # A quarter GiB of RGB pixels (Pillow's warning level); a 12000 x 12000 scan would take 432 MB decoded.
+    d.max_image_pixels = 89_478_485  # Larger images (width x height) are skipped or fail as on_corrupt says; 0: none.
     d.cache = False  # Keep decoded, resized uint8 images in memory after the first pass (small data sets).
     d.synthetic = config_dict.ConfigDict()  # The generated data set, used when name = "synthetic_fgvc".
     d.synthetic.num_classes = 10  # Classes: grating orientation x colour correlation.
@@ -286,6 +288,7 @@ def data_problems(d) -> list[str]:
             "the crop is taken from."
         )
     problems += checks.integer_at_least("shuffle_buffer", d.shuffle_buffer, 1)
+    problems += checks.integer_at_least("max_image_pixels", d.max_image_pixels, 0)
     for key, value in d.synthetic.items():
         problems += checks.integer_at_least(f"synthetic.{key}", value, 1)
     return [f"data.{p}" for p in problems]

@@ -112,3 +112,23 @@ def test_gap_model_is_rejected_with_a_clear_message():
     x = jnp.zeros((1, 32, 32, 3))
     with pytest.raises(ValueError, match="GCP head"):
         analysis.eigenvalues(model, model.init(jax.random.key(0), x), x)
+
+
+def test_plots_hide_no_curve_and_say_in_words_what_they_show():
+    curves = {"smallest": [(0, 0.99), (4, 0.99), (31, 0.99)], "largest": [(0, 0.99), (4, 0.1), (31, 0.1)]}
+    fig = plots.truncation_figure(curves, baseline=0.99)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert not ax.get_legend().get_window_extent().overlaps(ax.get_window_extent())  # below the axes
+    assert "the smallest n set to ε" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+    rng = np.random.default_rng(0)
+    images = [rng.normal(size=(8, 8, 3)).astype(np.float32) for _ in range(2)]
+    maps = [{"occlusion": rng.normal(size=(2, 8, 8)), "gradcam": rng.uniform(size=(2, 8, 8))} for _ in images]
+    fig = plots.attribution_figure(images, maps, titles=["class a", "class b"], rank=4, dim=32)
+    titles = [a.get_title() for a in fig.axes]
+    assert "occlusion\n(score drop, patch blurred)\nthe 4 largest eigenvalues" in titles
+    assert "Grad-CAM\n(last backbone stage)\nthe other 28 eigenvalues" in titles
+    bars = [a for a in fig.axes if a.get_label() == "<colorbar>"]
+    assert len(bars) == 4  # one per map column
+    assert [b.get_xlim()[0] for b in bars] == [-1, -1, 0, 0]  # signed occlusion, non-negative Grad-CAM

@@ -6,9 +6,13 @@ what a user sees on stderr.
 
 import os
 import re
+import shlex
 import subprocess
 import sys
+import tomllib
+import types
 
+import no_network
 import pytest
 
 from gcp_jax import cli, run_config
@@ -141,11 +145,16 @@ NOISE = re.compile(
 )
 
 
+def quiet_start_env():
+    """One device, no TF_CPP_MIN_LOG_LEVEL from conftest (the commands must quieten TensorFlow themselves),
+    and oneDNN on, as TensorFlow has it by default on Intel CPUs: its libraries then log while loading."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "XLA_FLAGS")}
+    return {**env, "JAX_PLATFORMS": "cpu", "TF_ENABLE_ONEDNN_OPTS": "1"}
+
+
 def test_start_up_is_quiet(tmp_path):
     """The demo's start-up up to a ready data set (TensorFlow, TFDS, generating the data): nothing on stderr
     but the one error this run ends with (a batch larger than the data set, before any compilation)."""
-    # One device, and no TF_CPP_MIN_LOG_LEVEL from conftest: train.py must quieten TensorFlow itself.
-    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "XLA_FLAGS")}
     result = run_train(
         f"--workdir={tmp_path / 'run'}",
         f"--config.data.data_dir={tmp_path / 'tfds'}",
@@ -154,10 +163,76 @@ def test_start_up_is_quiet(tmp_path):
         "--config.data.synthetic.test_per_class=2",
         "--config.data.synthetic.image_size=32",
         "--config.batch_size=16",
-        env={**env, "JAX_PLATFORMS": "cpu"},
+        env=quiet_start_env(),
     )
     assert result.returncode == 1 and not NOISE.findall(result.stderr), result.stderr
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: config.batch_size=16 ")
+
+
+def test_data_command_start_up_is_quiet():
+    """python -m gcp_jax.data loads TensorFlow and TFDS; a name it does not know is its one line."""
+    result = subprocess.run(
+        [sys.executable, "-m", "gcp_jax.data", "no_such_data_set"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env=quiet_start_env(),
+    )
+    assert result.returncode == 1 and not NOISE.findall(result.stderr), result.stderr
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: Unknown data set 'no_such")
+
+
+def test_offline_protocol_data_error_is_one_line(tmp_path):
+    """An FGVC protocol on a machine without network (a proxy that refuses connections): its data set's one
+    error line on stderr, nothing on stdout (no TFDS size line, no progress-bar fragments)."""
+    result = run_train(
+        "--config",
+        "configs/aircraft.py",
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.data.data_dir={tmp_path / 'tfds'}",
+        env=no_network.offline_env(quiet_start_env()),
+    )
+    assert (result.returncode, result.stdout) == (1, ""), result.stdout
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: Data set 'fgvc_aircraft' is not prepared and its files were not found")
+
+
+def test_printed_tensorboard_command_pastes_into_a_shell_and_is_installed(tmp_path):
+    """The summary's TensorBoard command, for a workdir with a space and a quote, is one shell command; the
+    program it names comes with the `data` extra that every training needs."""
+    workdir = str(tmp_path / "my runs" / "it's")
+    result = types.SimpleNamespace(stopped_by=None, final=None, best_step=-1, workdir=workdir, checkpoints="")
+    line = next(line for line in cli.summary(result).splitlines() if line.startswith("TensorBoard: "))
+    command = shlex.split(line.removeprefix("TensorBoard: "))
+    assert command == ["tensorboard", "--logdir", os.path.join(workdir, "tensorboard")]
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        extra = tomllib.load(f)["project"]["optional-dependencies"]["data"]
+    assert "tensorboard" in {re.split(r"[<>=~!;\[ ]", requirement)[0] for requirement in extra}, extra
+
+
+def test_tensorflow_start_up_noise_is_dropped_and_the_rest_kept(capfd, monkeypatch):
+    """What TensorFlow logs while loading, below TF_CPP_MIN_LOG_LEVEL, is dropped; real errors, Python's
+    output and everything at level 0 pass, in order."""
+    from gcp_jax.data import _tf
+
+    noise = [
+        b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
+        b"I0000 00:00:1796693715.230369    4652 port.cc:153] oneDNN custom operations are on. You may see ...\n",
+        b"W1208 01:35:07.123456   17 cpu_feature_guard.cc:227] a warning below level 2\n",
+    ]
+    kept = [
+        b"E0000 00:00:1796693715.230369    4652 op_kernel.cc:1] a real error\n",
+        b"Traceback (most recent call last):\n",
+        b"I0000 is not a log line without its file:line]\n",
+    ]
+    for level, expected in (("2", kept), ("0", [line for pair in zip(noise, kept) for line in pair])):
+        monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", level)
+        with _tf.start_up_noise_dropped():
+            for pair in zip(noise, kept):
+                for line in pair:
+                    os.write(2, line)
+        assert capfd.readouterr().err == b"".join(expected).decode()
 
 
 def test_the_config_to_run_in_a_workdir_that_holds_a_run(tmp_path):

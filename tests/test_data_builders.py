@@ -3,11 +3,13 @@
 import hashlib
 import os
 import socket
+import sys
 import tarfile
 import time
 from typing import ClassVar
 from unittest import mock
 
+import no_network
 import numpy as np
 import pytest
 
@@ -107,13 +109,6 @@ def test_missing_files_name_the_data_set_files_place_and_source(tmp_path):
         assert part in str(air.value)
 
 
-def _closed_port() -> int:
-    """A local TCP port nobody listens on: connecting to it is refused at once, network or not."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tree(root):
     return sorted(os.path.relpath(os.path.join(d, n), root) for d, ds, fs in os.walk(root) for n in ds + fs)
 
@@ -135,24 +130,54 @@ def _absent_offline(cfg, root, seconds=20):
 def test_absent_data_set_without_network_fails_at_once_and_leaves_nothing(tmp_path, monkeypatch):
     """The own builder's download, its host unreachable: one try, the message, data_dir as it was.
     (TFDS alone retries ten times with growing pauses: minutes.)"""
-    monkeypatch.setattr(fgvc_aircraft, "URL", f"http://127.0.0.1:{_closed_port()}/{fgvc_aircraft.ARCHIVE}")
+    monkeypatch.setattr(fgvc_aircraft, "URL", f"http://127.0.0.1:{no_network.closed_port()}/{fgvc_aircraft.ARCHIVE}")
     sources._open.cache_clear()
     message = _absent_offline({"name": "fgvc_aircraft/variant"}, tmp_path / "tfds")
     for part in (fgvc_aircraft.ARCHIVE, str(tmp_path / "tfds" / "downloads" / "manual"), "ConnectionError"):
         assert part in message
 
 
-def test_absent_catalog_data_set_offline_real_path(tmp_path, monkeypatch):
+def test_absent_catalog_data_set_offline_real_path(tmp_path, monkeypatch, capsys):
     """A TFDS catalog data set, unmodified: TFDS's real downloader through a proxy that refuses connections
-    (deterministic whether this machine has network or not)."""
-    proxy = f"http://127.0.0.1:{_closed_port()}"
-    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
-        monkeypatch.setenv(var, proxy)
-    for var in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+    (deterministic whether this machine has network or not); nothing on the console but the error."""
+    for var in no_network.PROXY_VARIABLES:
         monkeypatch.delenv(var, raising=False)
+    for var, value in no_network.offline_env({}).items():
+        monkeypatch.setenv(var, value)
     message = _absent_offline({"name": "caltech_birds2011"}, tmp_path / "tfds")
     for part in ("CUB_200_2011.tgz", str(tmp_path / "tfds" / "downloads" / "manual"), "cannot reach 127.0.0.1"):
         assert part in message
+    assert capsys.readouterr() == ("", "")  # No TFDS size line, no progress-bar fragments.
+
+
+def test_progress_shows_once_a_download_connects_and_vanishes_with_a_failure(monkeypatch, capsys):
+    from tensorflow_datasets.core.download import downloader
+
+    monkeypatch.setattr(downloader, "_open_url", lambda url, **kwargs: "opened")
+    bar = "\rDl Completed...: 0 url [00:00, ? url/s]"
+    with pytest.raises(ConnectionError), offline.progress_held(), offline.downloads_fail_fast():
+        print("Downloading and preparing dataset Unknown size (download: Unknown size, ...)")
+        sys.stderr.write(bar)
+        print("a line of the user's")
+        assert capsys.readouterr() == ("a line of the user's\n", "")  # at once
+        raise ConnectionError("no network")
+    assert capsys.readouterr() == ("", "")  # the progress output of a failure is dropped
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        with offline.progress_held(), offline.downloads_fail_fast():
+            sys.stderr.write(bar)
+            assert capsys.readouterr().err == ""
+            assert downloader._open_url(f"http://127.0.0.1:{server.getsockname()[1]}/f") == "opened"
+            assert capsys.readouterr().err == bar  # the host answered: progress is worth showing
+            sys.stderr.write(bar)
+            assert capsys.readouterr().err == bar
+    with offline.progress_held():  # A success without downloads shows what it held.
+        sys.stderr.write(bar)
+    assert capsys.readouterr().err == bar
+    with offline.progress_held(hold_s=0):  # A long preparation shows its progress without a download.
+        sys.stderr.write(bar)
+        assert capsys.readouterr().err == bar
 
 
 def test_check_reachable():
@@ -160,7 +185,7 @@ def test_check_reachable():
         server.bind(("127.0.0.1", 0))
         server.listen()
         offline.check_reachable(f"http://127.0.0.1:{server.getsockname()[1]}/file.tar")
-    for url in (f"https://127.0.0.1:{_closed_port()}/x", "https://no-such-host.invalid/x"):
+    for url in (f"https://127.0.0.1:{no_network.closed_port()}/x", "https://no-such-host.invalid/x"):
         start = time.perf_counter()
         with pytest.raises(ConnectionError, match="cannot reach"):
             offline.check_reachable(url, timeout=2.0)

@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from gcp_jax import data, imagenet
 from gcp_jax.data import _tf, preprocess
@@ -184,3 +184,114 @@ def test_every_undecodable_image_is_named_once_and_counted(tmp_path, caplog):
         evals = data.eval_batches(cfg, batch_size=8, process_index=0, process_count=1)
         assert sum(b["mask"].sum() for b in evals) == 4 and evals.num_skipped == 2
     assert sorted(_skip_messages(caplog)) == ["test/b/bad_eval1.png", "test/b/bad_eval2.gif"]
+
+
+# What the EXIF orientation tag asks for: Pillow's reading of the tag, independent of the pipeline's.
+def _shown(contents: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(contents)) as image:
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+
+
+def _blocks(height: int, width: int) -> Image.Image:
+    """Six flat colour blocks (2 rows x 3 columns): any mirroring or turn moves them."""
+    colours = np.array([[(255, 0, 0), (0, 255, 0), (0, 0, 255)], [(255, 255, 0), (0, 255, 255), (255, 0, 255)]])
+    rows, cols = np.arange(height) * 2 // height, np.arange(width) * 3 // width
+    return Image.fromarray(colours[rows[:, None], cols[None, :]].astype(np.uint8))
+
+
+def _with_orientation(fmt: str, orientation: int, **kwargs) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _encode(_blocks(24, 36), fmt, exif=exif, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "fmt, orientation",
+    [*(("JPEG", o) for o in range(1, 9)), ("PNG", 6), ("WEBP", 8)],
+    ids=lambda v: str(v),
+)
+def test_exif_orientation_is_applied(fmt, orientation):
+    """Every orientation a camera writes, through TensorFlow's decoders (JPEG, PNG) and Pillow's (WebP)."""
+    contents = _with_orientation(fmt, orientation, **({"quality": 100, "subsampling": 0} if fmt == "JPEG" else {}))
+    image, ok = _decode(contents)
+    expected = _shown(contents)
+    assert ok and image.shape == expected.shape == ((36, 24, 3) if orientation > 4 else (24, 36, 3))
+    assert np.abs(image.astype(int) - expected).mean() < 2
+
+
+def test_phone_photos_are_upright_in_training_and_evaluation(tmp_path):
+    """A photo stored sideways (orientation 6, as phones write them): blue on top and red below when shown."""
+    halves = [np.full((16, 8, 3), colour, np.uint8) for colour in ((0, 0, 255), (255, 0, 0))]
+    stored = Image.fromarray(np.concatenate(halves, axis=1))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Turned 90° clockwise to be shown: the stored left (blue) half comes on top.
+    contents = _encode(stored, "JPEG", quality=100, exif=exif)
+    shown = _shown(contents)
+    assert shown.shape == (16, 16, 3) and shown[0, 8, 2] > 200 and shown[-1, 8, 0] > 200
+    root = tmp_path / "photos"
+    for split in ("train", "test"):
+        _write(root / split / "upright", {"IMG_0001.JPG": contents})
+    cfg = _config(root, random_crop=False)
+    train = next(data.train_batches(cfg, batch_size=1, seed=0, process_index=0, process_count=1))
+    evals = next(iter(data.eval_batches(cfg, batch_size=1, process_index=0, process_count=1)))
+    for batch in (train, evals):
+        pixels = imagenet.denormalize(batch["image"][0]) * 255
+        np.testing.assert_allclose(pixels[:6].reshape(-1, 3).mean(0), shown[:6].reshape(-1, 3).mean(0), atol=8)
+        np.testing.assert_allclose(pixels[-6:].reshape(-1, 3).mean(0), shown[-6:].reshape(-1, 3).mean(0), atol=8)
+
+
+def test_mislabelled_files_decode_by_their_contents(tmp_path):
+    """A PNG named .jpg, a JPEG named .png, a WebP named .jpeg, a TIFF named .png, a GIF named .bmp."""
+    green = {
+        "png.jpg": GREEN_FILES["rgba.png"],
+        "jpeg.png": GREEN_FILES["rgb.jpg"],
+        "webp.jpeg": GREEN_FILES["rgb.webp"],
+        "tiff.png": GREEN_FILES["cmyk.TIF"],
+        "gif.bmp": GREEN_FILES["palette.gif"],
+    }
+    root = tmp_path / "mislabelled"
+    _write(root / "train" / "green", green)
+    _write(root / "test" / "green", green)
+    colours = _colours(_config(root))
+    assert len(colours) == len(green)
+    for _, colour in colours:
+        np.testing.assert_allclose(colour, GREEN, atol=3)
+
+
+def test_sixteen_bit_rgb_png_decodes_to_its_colour():
+    """16 bits per channel (scanners, HDR exports), which Pillow cannot write: TensorFlow's encoder."""
+    tf = _tf.tf()
+    rgb16 = np.broadcast_to(np.array(GREEN, np.uint16) * 257, (SIZE, SIZE, 3))
+    image, ok = _decode(tf.io.encode_png(tf.constant(rgb16)).numpy())
+    assert ok and image.dtype == np.uint8
+    np.testing.assert_array_equal(image.reshape(-1, 3).mean(0), GREEN)
+
+
+def test_oversized_images_are_named_and_skipped_or_fatal_without_decoding(tmp_path, caplog):
+    """A 12000 x 12000 scan (1 bit per pixel: 18 MB as pixels, 432 MB decoded to RGB) is read no
+    further than its header; data.max_image_pixels decides."""
+    root = tmp_path / "scans"
+    small = _encode(_grey("L").resize((8, 8)), "PNG")
+    _write(root / "train" / "leaf", {"0.png": GREY_FILES["l.png"], "1.png": GREY_FILES["l.png"]})
+    _write(root / "train" / "leaf", {"huge.png": _encode(Image.new("1", (12000, 12000)), "PNG")})
+    _write(root / "test" / "leaf", {"big.png": GREY_FILES["l.png"], "0.png": small, "1.png": small, "2.png": small})
+    caplog.set_level(logging.WARNING, logger="gcp_jax.data")
+    cfg = _config(root)
+    it = data.train_batches(cfg, batch_size=2, seed=0, process_index=0, process_count=1)
+    while it.num_skipped == 0:
+        next(it)
+    assert caplog.messages == [
+        "Skipped image 'train/leaf/huge.png' of image_folder: it is 12000 x 12000 pixels, more than "
+        "data.max_image_pixels=89478485 (1 so far)."
+    ]
+    with pytest.raises(data.CorruptImageError, match=r"'train/leaf/huge.png' .*12000 x 12000 pixels"):
+        for _ in data.train_batches(
+            {**cfg, "on_corrupt": "fail"}, batch_size=2, seed=0, process_count=1, process_index=0
+        ):
+            pass
+    limited = {**cfg, "max_image_pixels": SIZE * SIZE - 1}  # Evaluation: the 16 x 16 image is one too many.
+    evals = data.eval_batches(limited, batch_size=4, process_index=0, process_count=1)
+    assert sum(b["mask"].sum() for b in evals) == 3 and evals.num_skipped == 1
+    assert (
+        "'test/leaf/big.png' of image_folder: it is 16 x 16 pixels, more than data.max_image_pixels=255" in caplog.text
+    )

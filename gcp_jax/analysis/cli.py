@@ -93,8 +93,9 @@ def run_attribution(run, variables, args):
         maps.append(attribution.attribution_maps(run.model, variables, image, int(label), rank))
         print(f"attribution {i + 1}/{len(images)}", flush=True)
     names = run.info.class_names
-    titles = [f"{names[int(y)] if names else int(y)} (rank split {rank})" for y in labels]
-    print(plots.plot_attribution_grid(images, maps, os.path.join(args.out, "attribution.png"), titles=titles))
+    titles = [f"class {names[int(y)] if names else int(y)}" for y in labels]
+    path = os.path.join(args.out, "attribution.png")
+    print(plots.plot_attribution_grid(images, maps, path, titles=titles, rank=rank, dim=int(d)))
 
 
 def _write_json(out, name, value):

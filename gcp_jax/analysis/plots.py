@@ -44,33 +44,74 @@ def plot_spectra(eigs, labels, class_log_spectrum, path, *, class_names=None, ma
 
 def plot_truncation(curves, path, *, baseline=None):
     """Accuracy against the number of truncated eigenvalues, one line per `which`."""
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    return _save(truncation_figure(curves, baseline=baseline), path)
+
+
+def truncation_figure(curves, *, baseline=None):
+    """The truncation plot; its legend below the axes, where it hides no curve."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.4))
     for which, points in curves.items():
         ns, acc = zip(*points)
-        ax.plot(ns, acc, marker="o", label=f"{which} n set to eps")
+        ax.plot(ns, acc, marker="o", label=f"the {which} n set to ε")
     if baseline is not None:
-        ax.axhline(baseline, color="grey", ls="--", lw=0.8, label="no truncation")
-    ax.set(xlabel="n eigenvalues truncated", ylabel="top-1 accuracy", ylim=(0, 1.02), title="Truncation experiment")
-    ax.legend()
-    return _save(fig, path)
+        ax.axhline(baseline, color="grey", ls="--", lw=0.8, zorder=0, label="no truncation (n = 0)")
+    ax.set(
+        xlabel="n: eigenvalues of each covariance set to ε at evaluation",
+        ylabel="top-1 accuracy",
+        ylim=(0, 1.02),
+        title="Accuracy when eigenvalues are removed",
+    )
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False, fontsize=9)
+    return fig
 
 
-def plot_attribution_grid(images, maps, path, *, titles=None):
+# Attribution methods and the two parts of Σ^½, in words.
+METHODS = {
+    "occlusion": "occlusion\n(score drop, patch blurred)",
+    "gradcam": "Grad-CAM\n(last backbone stage)",
+    "gradient_input": "gradient × input",
+}
+
+
+def plot_attribution_grid(images, maps, path, *, titles=None, rank=None, dim=None):
     """One row per image: the image, then each map (name → [2, H, W]: large, small) overlaid."""
+    return _save(attribution_figure(images, maps, titles=titles, rank=rank, dim=dim), path)
+
+
+def attribution_figure(images, maps, *, titles=None, rank=None, dim=None):
+    """The attribution grid: columns titled in words (which method, which part of the spectrum: the
+    `rank` largest of `dim` eigenvalues, or the others), one colour bar per column."""
     columns = [(name, part) for name in maps[0] for part in range(2)]
     fig, axes = plt.subplots(
-        len(images), 1 + len(columns), figsize=(2.1 * (1 + len(columns)), 2.2 * len(images)), squeeze=False
+        len(images), 1 + len(columns), figsize=(2.1 * (1 + len(columns)), 2.2 * len(images) + 1.2), squeeze=False
     )
-    for row, (image, image_maps) in enumerate(zip(images, maps)):
-        rgb = denormalize(image)
-        axes[row, 0].imshow(rgb)
+    large = f"the {rank} largest" if rank else "large"
+    small = (f"the other {dim - rank}" if dim else "the others") if rank else "small"
+    parts = (f"{large} eigenvalues", f"{small} eigenvalues")
+    for col, (name, part) in enumerate(columns, start=1):
+        heats = [image_maps[name][part] for image_maps in maps]
+        signed = any(h.min() < 0 for h in heats)
+        for row, (image, heat) in enumerate(zip(images, heats)):
+            ax = axes[row, col]
+            ax.imshow(denormalize(image).mean(axis=-1), cmap="gray")
+            shown = ax.imshow(
+                heat / (np.max(np.abs(heat)) or 1.0), cmap="jet", alpha=0.5, vmin=-1 if signed else 0, vmax=1
+            )
+        axes[0, col].set_title(f"{METHODS.get(name, name)}\n{parts[part]}", fontsize=8)
+        bar = fig.colorbar(shown, ax=axes[:, col], orientation="horizontal", fraction=0.05, pad=0.02)
+        bar.ax.tick_params(labelsize=7)
+    for row, image in enumerate(images):
+        axes[row, 0].imshow(denormalize(image))
         axes[row, 0].set_title(titles[row] if titles else "image", fontsize=8)
-        for col, (name, part) in enumerate(columns, start=1):
-            heat = image_maps[name][part]
-            scale = np.max(np.abs(heat)) or 1.0
-            axes[row, col].imshow(rgb.mean(axis=-1), cmap="gray")
-            axes[row, col].imshow(heat / scale, cmap="jet", alpha=0.5, vmin=-1 if heat.min() < 0 else 0, vmax=1)
-            axes[row, col].set_title(f"{name}: {('large', 'small')[part]}", fontsize=8)
     for ax in axes.flat:
-        ax.axis("off")
-    return _save(fig, path)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    split = f", split after the {rank} largest eigenvalues" if rank else ""
+    fig.suptitle(
+        rf"Which pixels move the class score of each part of $\Sigma^{{1/2}} = Q_{{large}} + Q_{{small}}${split}"
+        "\n(colours: each map divided by its largest |value|)",
+        fontsize=10,
+    )
+    return fig

@@ -3,12 +3,17 @@
 TFDS retries an unreachable download ten times with growing pauses (3.5 minutes when offline)
 and leaves its folders behind. `downloads_fail_fast` checks each download's host (or its proxy)
 with one short TCP connection first; `removed_on_failure` removes what a failed preparation
-created, keeping only finished downloads.
+created, keeping only finished downloads; `progress_held` keeps TFDS's progress output back until
+a download has connected, so that a preparation failing at once ends in its one error line.
 """
 
 import contextlib
+import io
+import re
 import socket
+import sys
 import threading
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -16,6 +21,8 @@ from collections.abc import Iterator
 from etils import epath
 
 PROBE_TIMEOUT_S = 3.0
+# TFDS's set-up and a failing probe take less: what fails offline does so before progress shows.
+HOLD_S = 10.0
 _PORTS = {"http": 80, "https": 443, "ftp": 21}
 _DEPTH = 3  # data_dir/downloads/<data set>/<file>.tmp.<id>: the deepest folder TFDS creates first.
 
@@ -61,6 +68,7 @@ def downloads_fail_fast() -> Iterator[None]:
 
     def checked(url, **kwargs):
         check_reachable(url)
+        _release_held()  # Downloading has begun: its progress bars are worth watching.
         return open_url(url, **kwargs)
 
     downloader._open_url = checked
@@ -68,6 +76,87 @@ def downloads_fail_fast() -> Iterator[None]:
         yield
     finally:
         downloader._open_url = open_url
+
+
+# TFDS's progress output: tqdm's frames (carriage returns, cursor moves) and its size line on stdout.
+_PROGRESS = re.compile(r"\r|\x1b\[|Downloading and preparing dataset ")
+_HELD: list["_ProgressHeld"] = []
+
+
+class _ProgressHeld(io.TextIOBase):
+    """A text stream in front of `target` that holds back progress output until `release` (or until
+    `hold_s` seconds have passed) and lets everything else through at once."""
+
+    def __init__(self, target, hold_s: float):
+        super().__init__()
+        self.target = target
+        self._deadline = time.monotonic() + hold_s
+        self._held: list[str] | None = []  # None once released: everything passes.
+        self._holding = False  # The last write was held (a bare newline after it belongs to it).
+        self._lock = threading.Lock()
+
+    @property
+    def encoding(self):
+        return getattr(self.target, "encoding", None)
+
+    def isatty(self) -> bool:
+        return self.target.isatty()
+
+    def fileno(self) -> int:
+        return self.target.fileno()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            if self._held is not None and time.monotonic() >= self._deadline:
+                self._release()
+            if self._held is not None and (_PROGRESS.search(text) or (self._holding and not text.strip())):
+                self._held.append(text)
+                self._holding = True
+            else:
+                self._holding = False
+                self.target.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def release(self, keep: bool = True) -> None:
+        """Writes what was held (unless not `keep`) and lets everything through from now on."""
+        with self._lock:
+            if not keep:
+                self._held = []
+            self._release()
+
+    def _release(self) -> None:
+        if self._held:
+            self.target.write("".join(self._held))
+            self.target.flush()
+        self._held = None
+
+
+def _release_held() -> None:
+    for stream in list(_HELD):
+        stream.release()
+
+
+@contextlib.contextmanager
+def progress_held(hold_s: float = HOLD_S) -> Iterator[None]:
+    """TFDS's progress output on sys.stdout and sys.stderr (its "Downloading and preparing dataset" line,
+    progress bars) is held back until a download connects or `hold_s` seconds have passed, and dropped if
+    the block fails before: an offline or missing-file failure is then its error message alone."""
+    streams = [_ProgressHeld(sys.stdout, hold_s), _ProgressHeld(sys.stderr, hold_s)]
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = streams
+    _HELD.extend(streams)
+    succeeded = False
+    try:
+        yield
+        succeeded = True
+    finally:
+        sys.stdout, sys.stderr = saved
+        for stream in streams:
+            _HELD.remove(stream)
+            stream.release(keep=succeeded)
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from gcp_jax.data.sources import Source, open_source
 
 log = logging.getLogger("gcp_jax.data")
 _FILE_ORDER, _SHUFFLE, _AUGMENT = range(3)  # Purposes of the derived seeds.
-_SEP = "\0"  # Joins the names of skipped files: no file name contains it.
+_SEP = "\0"  # Joins the names of skipped files and why: no file name contains it.
 
 
 class DatasetInfo(NamedTuple):
@@ -103,10 +103,10 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) % (1 << 63) for p in parts]).generate_state(1)[0])
 
 
-def _decode_resize(ds, resize_size: int, resize_mode: str):
-    """Encoded examples → decoded (with "ok"), resized uint8 images."""
+def _decode_resize(ds, resize_size: int, resize_mode: str, max_pixels: int):
+    """Encoded examples → decoded (with "ok" and "problem"), resized uint8 images."""
     tf = _tf.tf()
-    ds = preprocess.decode(ds)
+    ds = preprocess.decode(ds, max_pixels)
     return ds.map(
         lambda ex: {**ex, "image": preprocess.resize(ex["image"], resize_size, resize_mode)},
         num_parallel_calls=tf.data.AUTOTUNE,
@@ -123,7 +123,7 @@ class TrainBatches(Iterator):
     """The training stream of one process; see `train_batches`.
 
     `steps_per_epoch`: batches per epoch. `num_skipped`: how many distinct images this process has
-    skipped so far because they could not be decoded (each is named once in the log).
+    skipped so far because they could not be decoded or were too large (each is named once in the log).
     """
 
     def __init__(self, cfg, batch_size: int, seed: int, start_step: int, process_index: int, process_count: int):
@@ -144,7 +144,7 @@ class TrainBatches(Iterator):
         self._cached = None
         if cfg.cache:
             examples = self._src.read(self._shard, shuffle_files=False, seed=None)
-            self._cached = _decode_resize(examples, cfg.resize_size, cfg.resize_mode).cache()
+            self._cached = _decode_resize(examples, cfg.resize_size, cfg.resize_mode, cfg.max_image_pixels).cache()
             log.info("Caching %s (%s) in memory...", cfg.name, cfg.train_split)
             self._cached.reduce(0, lambda n, _: n + 1)  # One full pass fills the cache.
         self._skipped: set[str] = set()
@@ -170,7 +170,7 @@ class TrainBatches(Iterator):
                     count += 1
                     if upcoming is None and count >= expected - max(1, expected // 10):
                         upcoming = starter.submit(self._start_epoch, epoch + 1, 0)
-                    self._note_skipped(_skipped_names(batch["skipped"]))
+                    self._note_skipped(_skipped(batch["skipped"]))
                     yield {"image": batch["image"], "label": batch["label"]}
                 if count == 0:
                     raise ValueError(
@@ -188,15 +188,12 @@ class TrainBatches(Iterator):
         first = next(batches, None)
         return batches if first is None else itertools.chain([first], batches)
 
-    def _note_skipped(self, names: list[str]) -> None:
+    def _note_skipped(self, skipped: list[tuple[str, str]]) -> None:
         """Counts the skipped images and names new ones in the log; with data.on_corrupt='fail', raises."""
-        if names and self._cfg.on_corrupt == "fail":
-            raise CorruptImageError(
-                f"Cannot decode image {names[0]!r} of {self._cfg.name!r} ({self._cfg.train_split!r}); "
-                f"replace or delete it, or set data.on_corrupt='skip' to skip such images."
-            )
-        self._skipped.update(names)
-        _log_skipped(self._src, names)
+        if skipped and self._cfg.on_corrupt == "fail":
+            raise CorruptImageError(_unusable_message(self._cfg, self._cfg.train_split, *skipped[0]))
+        self._skipped.update(name for name, _ in skipped)
+        _log_skipped(self._src, skipped)
 
     def _epoch(self, epoch: int, offset: int):
         """This process's batches of `epoch`, from batch `offset` on."""
@@ -214,7 +211,7 @@ class TrainBatches(Iterator):
         ds = ds.concatenate(spares.take(self._spares))
         ds = ds.enumerate().map(lambda i, ex: {**ex, "position": i}).skip(offset * self._batch)
         if self._cached is None:
-            ds = _decode_resize(ds, cfg.resize_size, cfg.resize_mode)
+            ds = _decode_resize(ds, cfg.resize_size, cfg.resize_mode, cfg.max_image_pixels)
         ds = _count_and_drop_corrupt(ds).take((self.steps_per_epoch - offset) * self._batch)
 
         def augment(ex):
@@ -238,27 +235,37 @@ class TrainBatches(Iterator):
 
 def _count_and_drop_corrupt(ds):
     """Drops examples whose image did not decode; each kept one names, in "skipped", those dropped
-    since the previous kept one (each name followed by _SEP), so that every skipped file is reported."""
+    since the previous kept one (each name and problem followed by _SEP), so that every skipped file
+    is reported."""
     tf = _tf.tf()
 
     def carry(pending, ex):
-        named = tf.strings.join([pending, ex["file_name"], _SEP])
+        named = tf.strings.join([pending, ex["file_name"], _SEP, ex["problem"], _SEP])
         return tf.where(ex["ok"], "", named), {**ex, "skipped": pending}
 
     return ds.scan(tf.constant(""), carry).filter(lambda ex: ex["ok"])
 
 
-def _log_skipped(src: Source, names: list[str]) -> None:
-    """Names each undecodable image in the log once per process and data set, however often it is met."""
-    for name in names:
+def _unusable_message(cfg, split: str, name: str, problem: str) -> str:
+    """data.on_corrupt='fail''s one line about an image that is skipped otherwise."""
+    return (
+        f"Cannot use image {name!r} of {cfg.name!r} ({split!r}): {problem}; replace or delete it, or set "
+        "data.on_corrupt='skip' to skip such images."
+    )
+
+
+def _log_skipped(src: Source, skipped: list[tuple[str, str]]) -> None:
+    """Names each skipped image and why in the log once per process and data set, however often it is met."""
+    for name, problem in skipped:
         if name not in src.skipped:
             src.skipped.add(name)
-            log.warning("Skipped image %r of %s: it cannot be decoded (%d so far).", name, src.name, len(src.skipped))
+            log.warning("Skipped image %r of %s: %s (%d so far).", name, src.name, problem, len(src.skipped))
 
 
-def _skipped_names(column: np.ndarray) -> list[str]:
-    """The file names in a batch's "skipped" column, in order."""
-    return [n.decode(errors="replace") for joined in column if joined for n in joined.split(_SEP.encode())[:-1]]
+def _skipped(column: np.ndarray) -> list[tuple[str, str]]:
+    """The (file name, problem) pairs in a batch's "skipped" column, in order."""
+    parts = [p.decode(errors="replace") for joined in column if joined for p in joined.split(_SEP.encode())[:-1]]
+    return list(zip(parts[::2], parts[1::2]))
 
 
 class EvalBatches:
@@ -266,7 +273,7 @@ class EvalBatches:
 
     `len()`: batches per pass (equal on every process). `num_examples`: this process's examples.
     `num_skipped`: images of this process's part left out (masked) because they could not be
-    decoded, counted during the current pass (after a full pass: that pass's total).
+    decoded or were too large, counted during the current pass (after a full pass: that pass's total).
     """
 
     def __init__(self, cfg, batch_size: int, process_index: int, process_count: int):
@@ -287,14 +294,14 @@ class EvalBatches:
         self.num_skipped = 0
         for batch in self._dataset().as_numpy_iterator():
             bad = batch["real"] & ~batch["ok"]
-            names = [n.decode(errors="replace") for n in batch["file_name"][bad]]
-            if names and self._cfg.on_corrupt == "fail":
-                raise CorruptImageError(
-                    f"Cannot decode image {names[0]!r} of {self._cfg.name!r} ({self._cfg.eval_split!r}); "
-                    f"replace or delete it, or set data.on_corrupt='skip' to leave such images out."
-                )
-            self.num_skipped += len(names)
-            _log_skipped(self._src, names)
+            skipped = [
+                (n.decode(errors="replace"), p.decode(errors="replace"))
+                for n, p in zip(batch["file_name"][bad], batch["problem"][bad])
+            ]
+            if skipped and self._cfg.on_corrupt == "fail":
+                raise CorruptImageError(_unusable_message(self._cfg, self._cfg.eval_split, *skipped[0]))
+            self.num_skipped += len(skipped)
+            _log_skipped(self._src, skipped)
             yield {"image": batch["image"], "label": batch["label"], "mask": batch["real"] & batch["ok"]}
 
     def _dataset(self):
@@ -305,43 +312,34 @@ class EvalBatches:
                 "label": tf.constant(0, tf.int32),
                 "file_name": tf.constant(""),
                 "ok": tf.constant(True),
+                "problem": tf.constant(""),
                 "real": tf.constant(False),
             }
         ).repeat(self._num_batches * self._batch - self.num_examples)
         ds = padding
         if self.num_examples:
-            examples = _eval_examples(
-                self._src, cfg.eval_split, self._process, self._count, size, cfg.resize_size, cfg.resize_mode, cfg.cache
-            )
+            decoding = (size, cfg.resize_size, cfg.resize_mode, cfg.max_image_pixels)
+            examples = _eval_examples(self._src, cfg.eval_split, self._process, self._count, decoding, cfg.cache)
             ds = examples.map(lambda ex: {**ex, "real": tf.constant(True)}).concatenate(padding)
         ds = ds.map(lambda ex: {**ex, "image": preprocess.normalize(ex["image"])}, num_parallel_calls=tf.data.AUTOTUNE)
         return _options(ds.batch(self._batch).prefetch(tf.data.AUTOTUNE))
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_eval_examples(
-    src: Source, split: str, process_index: int, process_count: int, size: int, resize_size: int, resize_mode: str
-):
+def _cached_eval_examples(src: Source, split: str, process_index: int, process_count: int, decoding: tuple):
     """The same, kept (with its in-memory cache) across evaluations."""
-    return _eval_examples(src, split, process_index, process_count, size, resize_size, resize_mode, False).cache()
+    return _eval_examples(src, split, process_index, process_count, decoding, False).cache()
 
 
-def _eval_examples(
-    src: Source,
-    split: str,
-    process_index: int,
-    process_count: int,
-    size: int,
-    resize_size: int,
-    resize_mode: str,
-    cache: bool,
-):
-    """Resized, centre-cropped uint8 examples of this process's part of `split`, in file order."""
+def _eval_examples(src: Source, split: str, process_index: int, process_count: int, decoding: tuple, cache: bool):
+    """Resized, centre-cropped uint8 examples of this process's part of `split`, in file order;
+    `decoding`: (crop size, resize_size, resize_mode, max_image_pixels)."""
     if cache:
-        return _cached_eval_examples(src, split, process_index, process_count, size, resize_size, resize_mode)
+        return _cached_eval_examples(src, split, process_index, process_count, decoding)
     tf = _tf.tf()
+    size, *resizing = decoding
     shard = _tf.tfds().even_splits(split, n=process_count)[process_index]
-    ds = _decode_resize(src.read(shard, shuffle_files=False, seed=None), resize_size, resize_mode)
+    ds = _decode_resize(src.read(shard, shuffle_files=False, seed=None), *resizing)
     return ds.map(
         lambda ex: {**ex, "image": preprocess.center_crop(ex["image"], size)}, num_parallel_calls=tf.data.AUTOTUNE
     )

@@ -112,13 +112,14 @@ def _tfds_source(name: str, data_dir: str, manual_dir: str, synthetic: tuple[int
 def _prepare(builder, manual_dir: str) -> None:
     """download_and_prepare; a catalog builder's failure becomes a MissingDataError saying what to fetch.
 
-    An unreachable download fails at once, and a failure leaves data_dir as it was (see `offline`).
+    An unreachable download fails at once, a failure leaves data_dir as it was, and TFDS's progress
+    output shows once downloading has begun (see `offline`).
     """
     tfds = _tf.tfds()
     root = os.fspath(builder.data_dir_root)
     config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
     try:
-        with offline.removed_on_failure(root), offline.downloads_fail_fast():
+        with offline.removed_on_failure(root), offline.progress_held(), offline.downloads_fail_fast():
             builder.download_and_prepare(download_config=config)
     except MissingDataError as e:
         raise MissingDataError(str(e)) from None  # The own builders' message, without TFDS's stack.
