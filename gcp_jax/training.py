@@ -107,7 +107,9 @@ def init_variables(model, image_size: int, seed: int, mesh) -> dict[str, Any]:
     """Model variables {"params", "batch_stats"}, initialised on-device and replicated over `mesh`."""
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     keys = {"params": jax.random.key(seed), "dropout": jax.random.key(seed + 1)}
-    init = jax.jit(lambda k, x: model.init(k, x, train=False), out_shardings=sharding.replicated(mesh))
+    init = jax.jit(
+        sharding.traced_for(mesh, lambda k, x: model.init(k, x, train=False)), out_shardings=sharding.replicated(mesh)
+    )
     variables = dict(init(keys, images))
     variables.setdefault("batch_stats", {})
     return variables
@@ -174,7 +176,9 @@ def make_train_step(
         return new, metrics
 
     repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    return jax.jit(step, in_shardings=(repl, batch_sh), out_shardings=(repl, repl), donate_argnums=0)
+    return jax.jit(
+        sharding.traced_for(mesh, step), in_shardings=(repl, batch_sh), out_shardings=(repl, repl), donate_argnums=0
+    )
 
 
 FLIP = metrics_lib.FLIP  # suffix of the totals and metrics of the flip-averaged logits (eval_flip)
@@ -236,7 +240,9 @@ def make_eval_step(model, num_classes: int, mesh, *, flip: bool = False) -> Call
         return jax.tree.map(jnp.add, totals, batch_totals)
 
     repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    return jax.jit(step, in_shardings=(repl, batch_sh, repl), out_shardings=repl, donate_argnums=2)
+    return jax.jit(
+        sharding.traced_for(mesh, step), in_shardings=(repl, batch_sh, repl), out_shardings=repl, donate_argnums=2
+    )
 
 
 def summarize_eval(totals: Mapping[str, Any]) -> dict[str, float]:
@@ -303,7 +309,8 @@ class Run:
         self.train_step = make_train_step(self.model, self.tx, self.mesh, config.seed)
         self.eval_step = make_eval_step(self.model, self.num_classes, self.mesh, flip=config.eval_flip)
         self._eigenvalues = jax.jit(
-            lambda v, x: spectrum.eigenvalues(self.model, v, x), out_shardings=sharding.replicated(self.mesh)
+            sharding.traced_for(self.mesh, lambda v, x: spectrum.eigenvalues(self.model, v, x)),
+            out_shardings=sharding.replicated(self.mesh),
         )
 
     def initial_state(self) -> TrainState:
