@@ -11,6 +11,7 @@ BENCHMARKS = {
     "input_pipeline": "images/s per CPU core of the training and evaluation preprocessing",
     "eigh_devices": "batched eigh and a train step on 1-8 fake CPU devices: the old dispatch hangs, the new does not",
     "startup": "seconds to the first training step: a first start, a restart from the compile cache, one without",
+    "fits": "the largest per-device batch of the 448 px runs on GPUs and TPUs, by compiling for them on this CPU",
     "device_check": "one prepared check of an accelerator (< 8 minutes): tests, train steps, torch, spectral head",
     "report": "regenerate the tables of README.md and docs/benchmarks.md from bench/results/*.json",
 }

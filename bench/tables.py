@@ -294,6 +294,21 @@ def startup_tables(rec: dict) -> dict[str, str]:
     return {"starts": markdown(header, rows) + f"\n\nimports alone: {rec['imports_s']:.1f} s"}
 
 
+def fits_tables(rec: dict) -> dict[str, str]:
+    """Table "fits": the largest per-device train batch of each backbone and dtype per target (≥: not
+    confirmed by compiling one more), with the mean compile time; a cell that failed shows —."""
+    targets = list(dict.fromkeys(r["target"] for r in rec["rows"]))
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    for r in rec["rows"]:
+        if "error" in r:
+            text = NONE
+        else:
+            text = f"{'' if r['exact'] else '≥'}{r['max_per_device_batch']} ({r['compile_s']:.0f} s)"
+        cells.setdefault((r["arch"], r["dtype"]), {})[r["target"]] = text
+    rows = [(f"{arch} + SEB", dtype, *(row.get(t, NONE) for t in targets)) for (arch, dtype), row in cells.items()]
+    return {"fits": markdown(("448 px", "backbone dtype", *targets), rows)}
+
+
 RENDERERS: dict[str, Callable[[dict], dict[str, str]]] = {
     "spectral": spectral_tables,
     "train_step": train_step_tables,
@@ -301,6 +316,7 @@ RENDERERS: dict[str, Callable[[dict], dict[str, str]]] = {
     "input_pipeline": input_pipeline_tables,
     "device_check": device_check_tables,
     "startup": startup_tables,
+    "fits": fits_tables,
 }
 
 

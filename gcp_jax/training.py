@@ -184,8 +184,9 @@ def make_train_step(
 FLIP = metrics_lib.FLIP  # suffix of the totals and metrics of the flip-averaged logits (eval_flip)
 
 
-def eval_totals(num_classes: int, mesh, *, flip: bool = False) -> dict[str, jax.Array]:
-    """Zero accumulators for `make_eval_step` (with `flip`: also those of the flip-averaged logits)."""
+def eval_totals(num_classes: int, mesh, *, flip: bool = False, abstract: bool = False) -> dict[str, jax.Array]:
+    """Zero accumulators for `make_eval_step` (with `flip`: also those of the flip-averaged logits);
+    `abstract`: their shapes, dtypes and shardings only (to lower the step without devices)."""
 
     def view():
         return {
@@ -198,6 +199,9 @@ def eval_totals(num_classes: int, mesh, *, flip: bool = False) -> dict[str, jax.
     zeros = {"count": np.zeros((), np.int32), "class_count": np.zeros((num_classes,), np.int32), **view()}
     if flip:
         zeros.update({name + FLIP: value for name, value in view().items()})
+    if abstract:
+        repl = sharding.replicated(mesh)
+        return jax.tree.map(lambda z: jax.ShapeDtypeStruct(z.shape, z.dtype, sharding=repl), zeros)
     return sharding.replicate(zeros, mesh)
 
 
@@ -288,12 +292,15 @@ def evaluate(
 
 
 class Run:
-    """What a run of `config` needs: mesh, data set info, model, optimiser, jitted steps."""
+    """What a run of `config` needs: mesh, data set info, model, optimiser, jitted steps.
 
-    def __init__(self, config: ConfigDict, mesh=None):
+    `info` replaces the data set's own (gcp_jax.aot compiles the steps without the data).
+    """
+
+    def __init__(self, config: ConfigDict, mesh=None, info: data.DatasetInfo | None = None):
         self.config = config
         self.mesh = sharding.make_mesh() if mesh is None else mesh
-        self.info = data.dataset_info(config.data)
+        self.info = data.dataset_info(config.data) if info is None else info
         self.num_classes = self.info.num_classes
         self.steps_per_epoch = data.steps_per_epoch(self.info.num_train, config.batch_size)
         if self.steps_per_epoch < 1:
