@@ -297,9 +297,12 @@ def startup_tables(rec: dict) -> dict[str, str]:
 def fits_tables(rec: dict) -> dict[str, str]:
     """Table "fits": the largest per-device train batch of each backbone and dtype per target (≥: not
     confirmed by compiling one more), with the mean compile time; a cell that failed shows —."""
-    targets = list(dict.fromkeys(r["target"] for r in rec["rows"]))
-    cells: dict[tuple[str, str], dict[str, str]] = {}
-    for r in rec["rows"]:
+    from bench import fits  # its cell order; it imports no JAX
+
+    order = lambda key, known: (known.index(key) if key in known else len(known), key)
+    targets = sorted({*fits.TARGETS, *(r["target"] for r in rec["rows"])}, key=lambda t: order(t, fits.TARGETS))
+    cells: dict[tuple[str, str], dict[str, str]] = {(arch, dtype): {} for arch in fits.ARCHS for dtype in fits.DTYPES}
+    for r in sorted(rec["rows"], key=lambda r: (order(r["arch"], list(fits.ARCHS)), order(r["dtype"], fits.DTYPES))):
         if "error" in r:
             text = NONE
         else:
