@@ -14,7 +14,7 @@ LAYERS = (
     ("config",),
     ("data", "pretrained"),
     ("training",),
-    ("analysis",),
+    ("analysis", "aot"),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
