@@ -67,7 +67,7 @@ def jax_times(batch, side, cin, cout, kernel, stride, repeats):
 
 def torch_times(batch, side, cin, cout, kernel, stride, repeats):
     """The same three for torch's nn.Conv2d (NCHW), gradients from one kept graph."""
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     conv = torch.nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False)

@@ -45,7 +45,7 @@ import time
 from bench import common, tables
 
 ROW = "BENCH-ROW "  # prefix of a worker's result lines on stdout
-NEEDED = ("ml_collections", "pytest", "pillow")  # imported by gcp_jax.training and the tests; wheels travel if missing
+NEEDED = ("ml_collections", "pytest", "pillow")  # what the tests import; wheels travel if missing
 TEST_FILES = ("tests/test_linalg.py", "tests/test_pooling.py", "tests/test_layers.py", "tests/test_training.py")
 SEB = "seb (code, exact): our head"
 MIN_START_S = 15  # a task is not started with less time than this left

@@ -32,7 +32,7 @@ STEP_RATES = (100, 200, 500)  # img/s a training step might consume.
 
 def photo_like(rng, width: int, height: int) -> bytes:
     """A smooth random image with mild noise, JPEG quality 90 (compresses like a photograph)."""
-    from PIL import Image  # pylint: disable=g-import-not-at-top
+    from PIL import Image
 
     coarse = Image.fromarray(rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8))
     pixels = np.asarray(coarse.resize((width, height), Image.BICUBIC), dtype=np.float32)
@@ -72,7 +72,7 @@ def _timed(fn, repeats: int) -> tuple[float, float]:
 def worker(root: str, cores: int, batch: int, repeats: int) -> dict:
     """Runs pinned to `cores` cores: {size: {"train": (img/s, img/CPU-s), "eval": (...)}}."""
     os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
-    from gcp_jax import data  # pylint: disable=g-import-not-at-top  # TensorFlow loads after pinning.
+    from gcp_jax import data  # TensorFlow loads after pinning.
 
     results = {}
     for name in SIZES:

@@ -3,8 +3,8 @@
 As the released code trains it: the backbone where `device` says ("cuda": cuDNN, autotuned), the
 covariance in float64, its eigendecomposition by SVD and the eigen-level backward with the
 ordinary K (docs/method.md §3) in float64 on the CPU, SGD with momentum, weight decay, a 5× classifier
-learning rate and gradient clipping. The ResNet-50 is written here in torchvision's v1.5 layout
-(stride in the 3×3 convolution), so that neither torchvision nor timm is needed.
+learning rate and gradient clipping. The ResNet-50 is bench/torch_models.py's, in torchvision's v1.5
+layout (stride in the 3×3 convolution), so that neither torchvision nor timm is needed.
 
 `python -m bench reference_torch --size S --batch B --device D` is the child process of
 `python -m bench train_step --torch on`: one step per line read from stdin, "seconds peak_bytes"
@@ -14,6 +14,7 @@ written back, so that its steps alternate with ours under the same machine load.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import sys
 import time
@@ -21,6 +22,8 @@ import time
 import numpy as np
 import torch
 from torch import nn
+
+from bench import torch_models
 
 GCP_DIM = 256
 NUM_CLASSES = 100
@@ -57,50 +60,13 @@ class SEBFunction(torch.autograd.Function):
         return (u @ (inner + torch.diag_embed(w)) @ ut).to(device)
 
 
-class Bottleneck(nn.Module):
-    """torchvision's ResNet v1.5 bottleneck: 1×1, 3×3 (with the stride), 1×1, projection shortcut when needed."""
-
-    def __init__(self, cin: int, planes: int, stride: int):
-        super().__init__()
-        cout = planes * 4
-        self.body = nn.Sequential(
-            nn.Conv2d(cin, planes, 1, bias=False),
-            nn.BatchNorm2d(planes),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(planes, planes, 3, stride, 1, bias=False),
-            nn.BatchNorm2d(planes),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(planes, cout, 1, bias=False),
-            nn.BatchNorm2d(cout),
-        )
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        return torch.relu(self.body(x) + (x if self.down is None else self.down(x)))
-
-
 class ResNet50SEB(nn.Module):
     """ResNet-50 with layer4 at stride 1, the 256-d 1×1 reduction, covariance, SEB, triu and the classifier."""
 
     def __init__(self, num_classes: int = NUM_CLASSES):
         super().__init__()
-        layers = [
-            nn.Conv2d(3, 64, 7, 2, 3, bias=False),
-            nn.BatchNorm2d(64),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(3, 2, 1),
-        ]
-        cin = 64
-        for planes, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 1)):
-            for i in range(blocks):
-                layers.append(Bottleneck(cin, planes, stride if i == 0 else 1))
-                cin = planes * 4
-        self.backbone = nn.Sequential(*layers)
-        self.reduce = nn.Sequential(
-            nn.Conv2d(cin, GCP_DIM, 1, bias=False), nn.BatchNorm2d(GCP_DIM), nn.ReLU(inplace=True)
-        )
+        self.backbone = nn.Sequential(collections.OrderedDict(torch_models.resnet50_trunk(last_stride=1)))
+        self.reduce = torch_models.reduction(2048, GCP_DIM)
         self.fc = nn.Linear(GCP_DIM * (GCP_DIM + 1) // 2, num_classes)
         self.rows, self.cols = torch.triu_indices(GCP_DIM, GCP_DIM)
 

@@ -9,8 +9,9 @@ A table in a document sits between two markers naming a record and one of its ta
     ...
     <!-- /bench -->
 
-Everything between them is replaced by `bench.tables.render(record)[table]` and a line saying
-how, where and when the record was measured; the text around them is left alone.
+Everything between them is replaced by `bench.tables.render(record)[table]`, in docs/benchmarks.md
+with a line saying how, where and when the record was measured (the README shows the tables
+alone and links there); the text around them is left alone.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import re
 
 from bench import common, tables
 
-DOCUMENTS = ("README.md", "docs/benchmarks.md")
+DOCUMENTS = {"README.md": False, "docs/benchmarks.md": True}  # document -> whether its tables say where they come from
 RESULTS = os.path.join(common.ROOT, "bench", "results")
 MARKED = re.compile(
     r"(?P<open><!-- bench:(?P<file>[\w.-]+)#(?P<table>\w+) -->)\n(?:.*?\n)??(?P<close><!-- /bench -->)", re.S
@@ -39,8 +40,8 @@ def load_records(folder: str = RESULTS) -> dict[str, dict]:
     return records
 
 
-def regenerate(text: str, records: dict[str, dict]) -> str:
-    """`text` with every marked table rendered afresh from `records`."""
+def regenerate(text: str, records: dict[str, dict], *, captions: bool = True) -> str:
+    """`text` with every marked table rendered afresh from `records` (with their `captions`: command, machine, date)."""
 
     def table(match: re.Match) -> str:
         name, which = match["file"], match["table"]
@@ -51,7 +52,8 @@ def regenerate(text: str, records: dict[str, dict]) -> str:
         rendered = tables.render(records[name])
         if which not in rendered:
             raise KeyError(f"{name} has no table {which!r}; it has {sorted(rendered)}.")
-        return f"{match['open']}\n{rendered[which]}\n\n{tables.caption(records[name])}\n{match['close']}"
+        caption = f"\n\n{tables.caption(records[name])}" if captions else ""
+        return f"{match['open']}\n{rendered[which]}{caption}\n{match['close']}"
 
     return MARKED.sub(table, text)
 
@@ -67,11 +69,11 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     records = load_records()
     stale = []
-    for doc in DOCUMENTS:
+    for doc, captions in DOCUMENTS.items():
         path = os.path.join(common.ROOT, doc)
         with open(path, encoding="utf-8") as f:
             text = f.read()
-        new = regenerate(text, records)
+        new = regenerate(text, records, captions=captions)
         if new != text:
             stale.append(doc)
             if not args.check:

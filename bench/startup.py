@@ -14,7 +14,7 @@ process gets SIGTERM, checkpoints and exits, as a preempted job does. Per archit
   executables come from the cache (gcp_jax.compile_cache);
 * `restart, no cache`: once more with --config.compile_cache_dir='' (every restart before the cache).
 
-`imports` is `python -c "import train; from gcp_jax import training"` alone. The data set is the
+`imports` is `python -c "import train; from gcp_jax import loop"` alone. The data set is the
 demo's generated one at 64 px (upscaled to --image-size by the input pipeline), generated before
 the timing; batch 4, random init, the default 256-d SEB head. With --repeats N all three starts
 run N times from scratch; each row shows the fastest (other load on a shared host only adds time).
@@ -113,7 +113,7 @@ def time_to_first_step(flags: list[str], workdir: str) -> tuple[float, int]:
 
 def time_imports() -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import train; from gcp_jax import training"], cwd=common.ROOT, check=True)
+    subprocess.run([sys.executable, "-c", "import train; from gcp_jax import loop"], cwd=common.ROOT, check=True)
     return time.perf_counter() - start
 
 

@@ -1,4 +1,4 @@
-"""Train-step benchmark: images/s of gcp_jax.training's jitted step, its forward, memory, the spectral head's share.
+"""Train-step benchmark: images/s of gcp_jax.steps' jitted train step, its forward, memory, the spectral head's share.
 
     python -m bench train_step                    # the docs table: 3 backbones × gap/sqrt/seb, 448 px (2-core CPU: ~15 min)
     python -m bench train_step --archs resnet50 --heads seb --torch on       # + the PyTorch reference recipe
@@ -10,7 +10,7 @@ built as a run builds it (`gcp_jax.config` defaults with the backbone's protocol
 layer4 at stride 1 unless --last-stride says otherwise) and timed on a synthetic in-memory batch
 (no TensorFlow, no download):
 
-- the train step of `gcp_jax.training.make_train_step` (forward, backward through the spectral
+- the train step of `gcp_jax.steps.make_train_step` (forward, backward through the spectral
   layer, SGD with clipping and weight decay, BatchNorm updates, donated state): images/s, seconds;
 - the forward alone (`model.apply`, inference mode);
 - the spectral part of the head alone (covariance → eigh → normalisation → triu, forward and
@@ -39,7 +39,7 @@ import numpy as np
 
 from bench import common, tables
 from bench.timing import compiled_memory_bytes, device_memory_limit, machine_line, time_call
-from gcp_jax import config, linalg, optim, sharding, training
+from gcp_jax import assembly, config, linalg, optim, sharding, steps
 
 HEADS = ("gap", "sqrt", "seb")
 NUM_CLASSES = 100
@@ -79,7 +79,7 @@ class Prepared:
 
     model: object
     step: object
-    state: training.TrainState
+    state: steps.TrainState
     batch: dict
     setup_s: float
 
@@ -92,16 +92,16 @@ def prepare(case: Case, mesh) -> Prepared:
     """Model, optimiser, state and compiled step of `case`, as a run builds them; raises DoesNotFit."""
     start = time.perf_counter()
     cfg = run_config(case)
-    model = training.build_model(cfg, NUM_CLASSES)
+    model = assembly.build_model(cfg, NUM_CLASSES)
     tx = optim.make_optimizer(cfg.optim, optim.learning_rate_schedule(cfg.optim, 100, 100))
-    state = training.create_train_state(training.init_variables(model, case.size, 0, mesh), tx, mesh)
+    state = steps.create_train_state(steps.init_variables(model, case.size, 0, mesh), tx, mesh)
     rng = np.random.default_rng(0)
     local = {
         "image": rng.normal(size=(case.batch, case.size, case.size, 3)).astype(np.float32),
         "label": rng.integers(0, NUM_CLASSES, case.batch).astype(np.int32),
     }
     batch = sharding.global_batch(local, mesh)
-    step = training.make_train_step(model, tx, mesh).lower(state, batch).compile()
+    step = steps.make_train_step(model, tx, mesh).lower(state, batch).compile()
     limit = device_memory_limit()
     if limit is not None and compiled_memory_bytes(step) > limit:
         raise DoesNotFit(f"needs {compiled_memory_bytes(step) / 2**30:.1f} GiB of {limit / 2**30:.1f}")

@@ -4,7 +4,7 @@
     python -m gcp_jax.aot --config configs/cub.py --target v5e-16 --config.model.dtype=bfloat16 --max_batch
     python -m gcp_jax.aot --config configs/demo.py --target h100x8 --per_device_batch 32 --out h100x8.json
 
-The model, optimiser and jitted steps are `gcp_jax.training.Run`'s, as train.py builds them, over a
+The model, optimiser and jitted steps are `gcp_jax.assembly.Run`'s, as train.py builds them, over a
 mesh of the target's devices (`jax.experimental.topologies`: a TPU slice of any size, one or many
 hosts, or N GPUs of one host). Nothing runs and no data is read: the class count comes from the
 data set's metadata where that needs no download (else --num_classes). XLA reports each step's
@@ -313,7 +313,7 @@ def compile_step(run, step: str, per_device: int) -> dict[str, Any]:
     """Lower and compile run's train or eval step at `per_device` examples per device: the record of one row."""
     import jax
 
-    from gcp_jax import sharding, training
+    from gcp_jax import sharding, steps
 
     mesh, devices = run.mesh, run.mesh.devices.size
     state = run.abstract_state()
@@ -322,7 +322,7 @@ def compile_step(run, step: str, per_device: int) -> dict[str, Any]:
         args = (state, batch)
         fn = run.train_step
     else:
-        totals = training.eval_totals(run.num_classes, mesh, flip=run.config.eval_flip, abstract=True)
+        totals = steps.eval_totals(run.num_classes, mesh, flip=run.config.eval_flip, abstract=True)
         args = (state, batch, totals)
         fn = run.eval_step
     start = time.perf_counter()
@@ -369,14 +369,14 @@ def _flops(compiled) -> float | None:
 
 
 def build_run(config, target: Target, num_classes: int):
-    """gcp_jax.training.Run of `config` over the target's devices, with the class count given (no data set)."""
-    from gcp_jax import sharding, training
+    """gcp_jax.assembly.Run of `config` over the target's devices, with the class count given (no data set)."""
+    from gcp_jax import assembly, sharding
     from gcp_jax.data import DatasetInfo
 
     mesh = sharding.make_mesh(target_devices(target))
     # The sizes only set the learning-rate schedule's length, which no buffer depends on.
     info = DatasetInfo(config.data.name, num_classes, config.batch_size, config_eval_batch(config), ())
-    return training.Run(config, mesh, info=info)
+    return assembly.Run(config, mesh, info=info)
 
 
 def config_eval_batch(config) -> int:
@@ -387,10 +387,10 @@ def config_eval_batch(config) -> int:
 
 def child_main(config, target: Target, num_classes: int, requests: list[tuple[str, int]], records_path: str) -> None:
     """Compile each (step, per-device batch), appending one JSON line per record to records_path as it is done."""
-    from gcp_jax import training
+    from gcp_jax import assembly
 
     config.compile_cache_dir = ""  # a real run on the device never reads these entries (docs/aot.md)
-    training.configure_jax(config)
+    assembly.configure_jax(config)
     run = build_run(config, target, num_classes)
     for step, batch in requests:
         record = compile_step(run, step, batch)
@@ -569,25 +569,20 @@ def compile_target(argv, target: Target, per_device: int, eval_per_device: int, 
 # The command line
 
 
-def _flags():
-    from absl import flags
-    from ml_collections import config_flags
+def argument_parser():
+    """aot's own flags (the --config file and its overrides are gcp_jax.cli's, as for train.py)."""
+    import argparse
 
-    config_flags.DEFINE_config_file("config", None, "Config file with a get_config(); `file.py:arg` passes arg.")
-    flags.DEFINE_string("target", None, f"What to compile for: {_known_targets()}.")
-    flags.DEFINE_string("out", None, "Also write the report as JSON to this file.")
-    flags.DEFINE_bool("max_batch", False, "Find the largest per-device train batch that fits, by compiling.")
-    flags.DEFINE_integer(
-        "num_classes", None, "Classes of the data set, where its metadata does not say without a download."
-    )
-    flags.DEFINE_integer(
-        "per_device_batch",
-        None,
-        "Examples per device of the train and eval steps (default: the config's batch sizes over the devices).",
-    )
-    flags.DEFINE_string("requests", None, "(internal) step:batch,... to compile in this process.")
-    flags.DEFINE_string("records", None, "(internal) where this process appends its records.")
-    return flags.FLAGS
+    p = argparse.ArgumentParser(prog="python -m gcp_jax.aot", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="Config file with a get_config(); `file.py:arg` passes arg (default: the demo).")
+    p.add_argument("--target", required=True, help=f"What to compile for: {_known_targets()}.")
+    p.add_argument("--out", help="Also write the report as JSON to this file.")
+    p.add_argument("--max_batch", action="store_true", help="Find the largest per-device train batch that fits.")
+    p.add_argument("--num_classes", type=int, help="Classes of the data set, where its metadata needs a download.")
+    p.add_argument("--per_device_batch", type=int, help="Train and eval batch per device (default: the config's).")
+    p.add_argument("--requests", help=argparse.SUPPRESS)  # the child: step:batch,... to compile
+    p.add_argument("--records", help=argparse.SUPPRESS)  # the child: where it appends its records
+    return p
 
 
 def dataset_classes(data_config) -> int | None:
@@ -625,56 +620,48 @@ def settled_config(config, target: Target, per_device: int | None):
 
 
 def main(argv: list[str]) -> int:
-    from absl import app
-
     for name, value in CHILD_ENV.items():  # before JAX starts here too (the plugins probe for devices)
         os.environ.setdefault(name, value)
-    FLAGS = _flags()
+    from gcp_jax import cli
+
     try:
-        FLAGS(argv)
-    except Exception as e:  # absl's flag errors and a config file that does not load
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        command = cli.parse(argv)
+    except cli.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return cli.EXIT_USAGE
+    args = argument_parser().parse_args(command.rest[1:])
     try:
-        if FLAGS.config is None or FLAGS.target is None:
-            raise app.UsageError("give --config CONFIG[:variant] and --target TARGET (python -m gcp_jax.aot --help).")
-        target = parse_target(FLAGS.target)
-        config = settled_config(FLAGS.config, target, FLAGS.per_device_batch)
-        num_classes = FLAGS.num_classes or dataset_classes(config.data)
+        target = parse_target(args.target)
+        config = settled_config(command.config, target, args.per_device_batch)
+        num_classes = args.num_classes or dataset_classes(config.data)
         if not num_classes:
             raise AotError(
                 f"the class count of data set {config.data.name!r} is not known without it: give --num_classes N."
             )
-        per_device = config.batch_size // target.devices
-        eval_per_device = config_eval_batch(config) // target.devices
-        if FLAGS.requests:  # the child
-            requests = [(s, int(b)) for s, _, b in (item.partition(":") for item in FLAGS.requests.split(","))]
-            child_main(config, target, num_classes, requests, FLAGS.records)
+        if args.requests:  # the child
+            requests = [(s, int(b)) for s, _, b in (item.partition(":") for item in args.requests.split(","))]
+            child_main(config, target, num_classes, requests, args.records)
             return 0
         if problem := missing_plugin(target):
             raise AotError(problem)
-        parent_argv = [a for a in argv[1:] if not a.startswith(("--requests", "--records"))]
-        if not FLAGS.num_classes:
-            parent_argv.append(f"--num_classes={num_classes}")  # the child need not ask TFDS again
-        result = compile_target(parent_argv, target, per_device, eval_per_device, FLAGS.max_batch)
-    except (AotError, app.UsageError) as e:
+        child_argv = argv[1:] + ([] if args.num_classes else [f"--num_classes={num_classes}"])  # no TFDS again
+        per_device, eval_per_device = config.batch_size // target.devices, config_eval_batch(config) // target.devices
+        result = compile_target(child_argv, target, per_device, eval_per_device, args.max_batch)
+    except AotError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return cli.EXIT_ERROR
     for step in ("train", "eval"):
         print(step_table(target, result[step]) + "\n")
-    if FLAGS.max_batch:
+    if args.max_batch:
         best, exact = result["train"]["max_per_device_batch"], result["train"]["max_per_device_batch_exact"]
-        print(
-            f"largest per-device train batch that fits: {best}"
-            + ("" if exact else " (not confirmed by compiling one more)")
-        )
-    if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
+        print(f"largest per-device train batch that fits: {best}" + ("" if exact else " (the next was not compiled)"))
+    if args.out:
+        with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
     failed = next((result[s] for s in ("train", "eval") if not result[s]["fits"]), None)
-    if failed is not None and not FLAGS.max_batch:
+    if failed is not None and not args.max_batch:
         print(f"error: {too_big(target, failed)}", file=sys.stderr)
-        return 1
+        return cli.EXIT_ERROR
     return 0
 
 

@@ -8,8 +8,8 @@ batch · 5d³ ≥ 200 000; a batch of one always runs inline. XLA:CPU often exec
 on that same pool (the thunk executor offloads ready thunks to it and resumes on the thread that
 completed an asynchronous one), and with N host devices (`--xla_force_host_platform_device_count`)
 the pool has max(cores, N) threads. When every pool thread holds one device's eigh and waits for
-chunks queued behind it, nothing is left to run them: the process hangs at 0 % CPU (issue 11,
-item 6). See bench/eigh_devices.py for the reproduction.
+chunks queued behind it, nothing is left to run them: the process hangs at 0 % CPU.
+bench/tools/eigh_devices.py reproduces it.
 
 So when several CPU devices share the pool, the batch is viewed as [devices, k, d, d] (a batch
 sharded over the devices keeps each device's block whole: no data moves) and a `lax.map` over the k

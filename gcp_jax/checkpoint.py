@@ -389,3 +389,14 @@ class Checkpoints:
                 self.wait()
         finally:
             self._manager.close()
+
+
+def has_checkpoint(workdir: str) -> bool:
+    """Whether workdir holds a checkpoint (without creating its checkpoint directory)."""
+    if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+        return False
+    checkpoints = Checkpoints(workdir, use_async=False)
+    try:
+        return checkpoints.latest_step() is not None
+    finally:
+        checkpoints.close()

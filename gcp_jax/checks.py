@@ -8,6 +8,7 @@ problems of a config at once, while a library call raises the same sentence on i
 from __future__ import annotations
 
 import difflib
+import numbers
 from collections.abc import Iterable
 
 
@@ -23,6 +24,12 @@ def not_one_of(name: str, value, choices: Iterable) -> str:
     hint = closest(value, choices) if isinstance(value, str) else None
     suffix = f" (did you mean {hint!r}?)" if hint else ""
     return f"{name}={value!r} is not one of {', '.join(map(str, choices))}{suffix}."
+
+
+def integer_at_least(name: str, value, low: int) -> list[str]:
+    """[] for an integer (not a bool) of at least `low`, else [`name=value must be an integer of at least low.`]."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+    return [] if ok else [f"{name}={value!r} must be an integer of at least {low}."]
 
 
 def unknown_fields(names: Iterable[str], known: Iterable[str], prefix: str = "", noun: str = "field") -> list[str]:

@@ -30,7 +30,8 @@ class ConfigError(ValueError):
 
 
 def get_config() -> config_dict.ConfigDict:
-    """The defaults: FGVC-Aircraft protocol sizes, EfficientNet-B5 backbone, 256-d SEB head."""
+    """The defaults: the FGVC-Aircraft protocol (configs/aircraft.py adds only its square resize and centre
+    train crop), EfficientNet-B5 backbone, 256-d SEB head."""
     c = config_dict.ConfigDict()
 
     # --- run ----------------------------------------------------------------------------
@@ -55,7 +56,7 @@ def get_config() -> config_dict.ConfigDict:
     c.model = config_dict.ConfigDict()
     c.model.arch = HEADLINE_ARCH  # efficientnet_b0..b7, resnet50, resnet101 (resnet_tiny: demo/tests).
     c.model.head = "gcp"  # "gcp" (covariance head, see gcp.*) or "gap" (global average pooling baseline).
-    c.model.pretrained = ""  # Weight file: Keras, torchvision, fast-MPN-COV or DifferentiableSVD (README); "" = random.
+    c.model.pretrained = ""  # Weight file: Keras, torchvision, fast-MPN-COV, DifferentiableSVD; "" = random.
     c.model.dtype = "float32"  # Backbone compute dtype: "float32", "bfloat16" or "float64" (the head uses gcp.dtype).
     c.model.dropout_rate = config_dict.placeholder(float)  # Dropout before the classifier; None = the arch's (B5 0.4).
     c.model.drop_connect_rate = config_dict.placeholder(float)  # EfficientNet stochastic depth; None = 0.2 (ResNet: 0).
@@ -124,7 +125,8 @@ def with_backbone(config: config_dict.ConfigDict, arch: str) -> config_dict.Conf
     full rank (the GCP protocol, docs/method.md §6). EfficientNets keep their strides (14x14 at 448 px).
     """
     config.model.arch = arch
-    config.model.last_stride = 1 if arch.startswith("resnet") else 2
+    if arch in models.ARCHS:  # another is refused by validate(), naming the known ones
+        config.model.last_stride = models.family(arch).protocol_last_stride
     return config
 
 
@@ -168,15 +170,10 @@ def eval_batch_size(config: config_dict.ConfigDict) -> int:
     return config.eval_batch_size or config.batch_size
 
 
-def _integer_at_least(name: str, value, low: int) -> list[str]:
-    ok = isinstance(value, numbers.Integral) and value >= low
-    return [] if ok else [f"{name} must be an integer of at least {low}, got {value!r}."]
-
-
 def _run_problems(c, num_devices: int) -> list[str]:
     problems = []
     for name in ("batch_size", "log_every_steps", "keep_checkpoints"):
-        problems += _integer_at_least(name, c[name], 1)
+        problems += checks.integer_at_least(name, c[name], 1)
     for name in (
         "eval_batch_size",
         "eval_every_epochs",
@@ -185,7 +182,7 @@ def _run_problems(c, num_devices: int) -> list[str]:
         "spectrum_every_steps",
         "step_timeout_s",
     ):
-        problems += _integer_at_least(name, c[name], 0)
+        problems += checks.integer_at_least(name, c[name], 0)
     if not (c.num_train_steps == -1 or c.num_train_steps >= 1):
         problems.append(f"num_train_steps must be -1 (train num_epochs) or at least 1, got {c.num_train_steps}.")
     if c.num_train_steps == -1 and not c.num_epochs > 0:
@@ -213,9 +210,7 @@ def _model_problems(m) -> list[str]:
 
 
 def _gcp_problems(g) -> list[str]:
-    fields = dict(g)
-    problems = _integer_at_least("dim", fields.pop("dim"), 0)
-    return [f"gcp.{p}" for p in problems + linalg.spectral_problems(fields, also_known=("dim",))]
+    return [f"gcp.{p}" for p in pooling.head_problems(dict(g))]
 
 
 def _optim_problems(o) -> list[str]:
@@ -249,9 +244,9 @@ def data_problems(d) -> list[str]:
             f"image_size={d.image_size} must be positive and at most resize_size={d.resize_size}, the size "
             "the crop is taken from."
         )
-    problems += _integer_at_least("shuffle_buffer", d.shuffle_buffer, 1)
+    problems += checks.integer_at_least("shuffle_buffer", d.shuffle_buffer, 1)
     for key, value in d.synthetic.items():
-        problems += _integer_at_least(f"synthetic.{key}", value, 1)
+        problems += checks.integer_at_least(f"synthetic.{key}", value, 1)
     return [f"data.{p}" for p in problems]
 
 
@@ -331,7 +326,7 @@ def unknown_overrides(config: config_dict.ConfigDict, fields: Iterable[str]) -> 
     return problems
 
 
-def _get(config: config_dict.ConfigDict, field: str):
+def field_value(config: config_dict.ConfigDict, field: str):
     """The value at a dotted field name ("" is the config itself)."""
     return functools.reduce(lambda node, key: node[key], field.split(".") if field else (), config)
 
@@ -339,12 +334,12 @@ def _get(config: config_dict.ConfigDict, field: str):
 def field_type(config: config_dict.ConfigDict, field: str) -> type:
     """The type of a (known) dotted field, as ml_collections reads its overrides (a placeholder's declared type)."""
     group, _, name = field.rpartition(".")
-    return _get(config, group).get_type(name)
+    return field_value(config, group).get_type(name)
 
 
 def unreadable_override(config: config_dict.ConfigDict, field: str, value: str) -> str:
     """The problem of `--config.<field>=<value>` when the field's type cannot read `value`."""
-    kind, current = field_type(config, field), _get(config, field)
+    kind, current = field_type(config, field), field_value(config, field)
     if issubclass(kind, config_dict.ConfigDict):
         first = next(iter(current))
         return f"config.{field} is a group of fields, not a value; set them one by one: --config.{field}.{first}=…"

@@ -67,7 +67,7 @@ _COMPILE_PLATFORM = contextvars.ContextVar("gcp_jax_compile_platform", default=N
 @contextlib.contextmanager
 def compile_platform(platform: str):
     """Trace under this to choose code paths for `platform` (a device's `.platform`: "cpu", "gpu",
-    "tpu") instead of JAX's default backend: the steps of `gcp_jax.training` trace under their mesh's."""
+    "tpu") instead of JAX's default backend: the steps of `gcp_jax.steps` trace under their mesh's."""
     token = _COMPILE_PLATFORM.set(platform)
     try:
         yield

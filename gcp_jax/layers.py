@@ -3,7 +3,7 @@
 Only programs traced for the CPU take the special paths below; GPUs and TPUs keep XLA's native
 convolutions and pooling (cuDNN, the TPU's convolution units), which are already fast there. The
 platform is `cpu_tuning.target_platform()`: the one the program is compiled for (the steps of
-gcp_jax.training trace under their mesh's), else JAX's default backend. The choice is made when
+gcp_jax.steps trace under their mesh's), else JAX's default backend. The choice is made when
 tracing, not per lowering: a `lax.platform_dependent` carries both variants through tracing and
 differentiation, a third of the time it takes to trace an EfficientNet train step, paid again at
 every start of a run.

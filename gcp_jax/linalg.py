@@ -70,11 +70,6 @@ class SpectralOptions:
         return cls(**fields)
 
 
-def _at_least(name, value, low) -> list[str]:
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
-    return [] if ok else [f"{name}={value!r} must be an integer of at least {low}."]
-
-
 def spectral_problems(fields: Mapping, *, also_known: tuple[str, ...] = ()) -> list[str]:
     """Every problem with these SpectralOptions field values (absent fields take their defaults).
 
@@ -98,7 +93,7 @@ def spectral_problems(fields: Mapping, *, also_known: tuple[str, ...] = ()) -> l
     if eps is not None and not (isinstance(eps, numbers.Real) and eps > 0):
         problems.append(f"eps={eps!r} must be positive, or None for the default floor (ε·λ_max per sample).")
     for name, low in (("topn", 0), ("isqrt_iters", 1), ("newton_iters", 1), ("taylor_degree", 0)):
-        problems += _at_least(name, get(name), low)
+        problems += checks.integer_at_least(name, get(name), low)
     threshold = get("trunc_threshold")
     if not (isinstance(threshold, numbers.Real) and threshold > 0):
         problems.append(f"trunc_threshold={threshold!r} must be positive.")
@@ -168,7 +163,7 @@ def newton_schulz_sqrtm(a, *, iters=SpectralOptions.isqrt_iters):
     directions of small eigenvalues; that is part of the method.
     """
     a = _as_square(a, "newton_schulz_sqrtm")
-    checks.raise_if_any(_at_least("iters", iters, 1), "newton_schulz_sqrtm")
+    checks.raise_if_any(checks.integer_at_least("iters", iters, 1), "newton_schulz_sqrtm")
     trace = jnp.trace(a, axis1=-2, axis2=-1)[..., None, None]
     # Guard 0 traces with `where`, not `maximum`: the unused branch's NaN derivative is dropped.
     # The floor keeps trace² normal in float32, so that the backward pass never sees 0/0.

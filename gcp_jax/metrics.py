@@ -69,6 +69,27 @@ def describe_eval(m: Mapping[str, Any]) -> str:
     return f"{accuracies('')}{flip} ({m['count']} images)"
 
 
+def summarize_eval(totals: Mapping[str, Any]) -> dict[str, float]:
+    """Accuracies from eval totals: top1, top5, mean per-class accuracy (classes present), loss, count;
+    the same with the suffix `_flip` for the flip-averaged logits when the totals have them."""
+    t = jax.device_get(totals)
+    count = max(int(t["count"]), 1)
+    present = t["class_count"] > 0
+    metrics = {}
+    for suffix in ("", FLIP) if "top1" + FLIP in t else ("",):
+        per_class = t["class_correct" + suffix][present] / t["class_count"][present]
+        metrics.update(
+            {
+                "loss" + suffix: float(t["loss" + suffix]) / count,
+                "top1" + suffix: int(t["top1" + suffix]) / count,
+                "top5" + suffix: int(t["top5" + suffix]) / count,
+                "mean_class_acc" + suffix: float(per_class.mean()) if per_class.size else 0.0,
+            }
+        )
+    metrics["count"] = int(t["count"])
+    return metrics
+
+
 def _plain(value: Any) -> Any:
     """Scalar arrays → Python numbers for JSON."""
     if hasattr(value, "item"):
@@ -92,7 +113,7 @@ class MetricsWriter:
         self._last: dict[str, dict[str, Any]] = {}
         if not self._enabled:
             return
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        from tensorboardX import SummaryWriter
 
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, METRICS_FILE)
@@ -185,7 +206,7 @@ class Progress:
         self._last_step, self._last_time = start_step, time.perf_counter()
         self._bar = None
         if self._enabled and (sys.stderr.isatty() if tty is None else tty):
-            from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+            from tqdm import tqdm
 
             self._bar = tqdm(
                 total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, bar_format=self._BAR_FORMAT

@@ -70,7 +70,13 @@ class GCPHead(nn.Module):
 def gcp_head_from_config(cfg: Mapping[str, Any], **overrides) -> GCPHead:
     """A GCPHead from the `config.gcp` fields: `dim` and the SpectralOptions fields (gcp_jax.config)."""
     fields = {**dict(cfg), **overrides}
+    checks.raise_if_any(head_problems(fields), "gcp")
     dim = fields.pop("dim", GCPHead.dim)
-    problems = [] if isinstance(dim, int) and dim >= 0 else [f"dim={dim!r} must be 0 (no reduction) or positive."]
-    checks.raise_if_any(problems + linalg.spectral_problems(fields, also_known=("dim",)), "gcp")
     return GCPHead(dim=dim, spectral=linalg.SpectralOptions(**fields))
+
+
+def head_problems(fields: Mapping[str, Any]) -> list[str]:
+    """Every problem with these `config.gcp` fields (`dim`: 0 for no reduction), one sentence each."""
+    fields = dict(fields)
+    problems = checks.integer_at_least("dim", fields.pop("dim", GCPHead.dim), 0)
+    return problems + linalg.spectral_problems(fields, also_known=("dim",))

@@ -42,7 +42,7 @@ from flax import traverse_util
 from flax.core import unfreeze
 
 from gcp_jax import imagenet
-from gcp_jax.models import ARCHS, EFFICIENTNET_PARAMS, RESNET_PARAMS, create_model
+from gcp_jax.models import ARCHS, FAMILIES, create_model, family
 
 KERAS_SUFFIXES = (".h5", ".hdf5")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar")  # .tar: main.py's `model_best.pth.tar`
@@ -484,28 +484,32 @@ def _torch_tensors(path, arch):
 # Public API
 
 
+# weight format (models.Family.weight_format) -> (file suffixes, what they are, the reader)
+_FORMATS = {
+    "keras": (
+        KERAS_SUFFIXES,
+        "Keras HDF5 weight files (.h5; a .keras archive holds one as model.weights.h5)",
+        _keras_tensors,
+    ),
+    "torch": (
+        TORCH_SUFFIXES + (".safetensors",),
+        "PyTorch state dicts and checkpoints (.pth, .pt, .bin, .pth.tar) or .safetensors files",
+        _torch_tensors,
+    ),
+}
+
+
 def _reader(path: str, arch: str) -> Callable:
     """The tensor reader for this file and architecture, or a clear error."""
     if os.path.isdir(path):
         raise ValueError(f"Pretrained weight file {path!r} is a directory; give the weight file inside it.")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Pretrained weight file {path!r} does not exist.")
-    if arch in EFFICIENTNET_PARAMS:
-        if not path.endswith(KERAS_SUFFIXES):
-            raise ValueError(
-                f"{arch} loads Keras HDF5 weight files (.h5; a .keras archive holds one as "
-                f"model.weights.h5), got {path!r}."
-            )
-        reader = _keras_tensors
-    elif arch in RESNET_PARAMS:
-        if not path.endswith(TORCH_SUFFIXES + (".safetensors",)):
-            raise ValueError(
-                f"{arch} loads PyTorch state dicts and checkpoints (.pth, .pt, .bin, .pth.tar) or .safetensors "
-                f"files, got {path!r}."
-            )
-        reader = _torch_tensors
-    else:
+    if arch not in ARCHS:
         raise ValueError(f"Unknown arch {arch!r}; choose one of {', '.join(ARCHS)}.")
+    suffixes, files, reader = _FORMATS[family(arch).weight_format]
+    if not path.endswith(suffixes):
+        raise ValueError(f"{arch} loads {files}, got {path!r}.")
     if os.path.getsize(path) == 0:
         raise ValueError(f"Pretrained weight file {path!r} is empty (0 bytes); download or copy it again.")
     return reader
@@ -561,11 +565,11 @@ class PretrainedReport:
     def file_last_stride(self) -> int | None:
         """The stride of layer4 in the model the file was trained as (weights do not show it): 1 for
         fast-MPN-COV's mpncovresnet, 2 for a main.py checkpoint of a torchvision ResNet, else None."""
-        if self.file_arch is None:
-            return None
-        if self.file_arch.startswith("mpncovresnet"):
-            return 1
-        return 2 if self.file_arch.startswith("resnet") else None
+        for fam in FAMILIES:
+            for prefix, stride in fam.file_last_strides.items():
+                if self.file_arch is not None and self.file_arch.startswith(prefix):
+                    return stride
+        return None
 
     def __str__(self):
         fresh, unused = _module_names(self.skipped), _module_names(self.unused)
@@ -647,3 +651,14 @@ def _misfit(array, model_leaf) -> str:
     if array.shape != model_leaf.shape:
         return f"{array.shape} in the file, {model_leaf.shape} in the model"
     return f"{array.shape} fits, but other tensors of its layer do not"
+
+
+def last_stride_mismatch(report: PretrainedReport, last_stride: int) -> str:
+    """One sentence when the file's model ran layer4 at another stride than `last_stride`, else ""."""
+    trained = report.file_last_stride
+    if trained is None or trained == last_stride:
+        return ""
+    return (
+        f"The model in {report.path} ({report.file_arch}) ran layer4 at stride {trained}, and model.last_stride is "
+        f"{last_stride}; set --config.model.last_stride={trained} to run it as it was trained."
+    )

@@ -108,3 +108,12 @@ def initialize_distributed(
         coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
     )
     return True
+
+
+def total_over_processes(count: int) -> int:
+    """The sum of a per-process count over all processes (every process must call this)."""
+    if jax.process_count() == 1:
+        return int(count)
+    from jax.experimental import multihost_utils
+
+    return int(np.sum(multihost_utils.process_allgather(np.int32(count))))

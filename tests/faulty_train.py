@@ -101,4 +101,4 @@ if __name__ == "__main__":
         return real_main(argv)
 
     train.main = main
-    train.cli()
+    train.start()

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from configs import demo
-from gcp_jax import metrics, training
+from gcp_jax import loop, metrics
 from gcp_jax.analysis.cli import default_truncation_ns, main
 
 
@@ -20,7 +20,7 @@ def workdir(tmp_path_factory):
     c.batch_size = c.eval_batch_size = 8  # 8 fake devices
     c.num_epochs, c.num_train_steps, c.log_every_steps, c.spectrum_every_steps = 1, 2, 1, 1
     path = str(tmp_path_factory.mktemp("run"))
-    training.train_and_evaluate(c, path)
+    loop.train_and_evaluate(c, path)
     return path
 
 

@@ -10,7 +10,7 @@ import jax
 import pytest
 import tiny_config
 
-from gcp_jax import aot, sharding, training
+from gcp_jax import aot, assembly, sharding
 from gcp_jax.data import DatasetInfo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,7 +145,7 @@ def _conv_count_on_cpu(fast_paths: bool, monkeypatch) -> int:
     """Convolutions of the tiny train step lowered for this CPU, with or without the CPU fast paths."""
     monkeypatch.setenv("GCP_JAX_CPU_FAST_PATHS", "1" if fast_paths else "0")
     config = tiny_config.get_config()
-    run = training.Run(config, sharding.make_mesh(jax.devices()[:1]), info=DatasetInfo("tiny", 4, 8, 8, ()))
+    run = assembly.Run(config, sharding.make_mesh(jax.devices()[:1]), info=DatasetInfo("tiny", 4, 8, 8, ()))
     batch = aot.abstract_batch(config, run.mesh, "train", 8, 1)
     return run.train_step.lower(run.abstract_state(), batch).as_text().count("stablehlo.convolution")
 

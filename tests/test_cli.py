@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from gcp_jax import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MISSPELLED = "config.optim.learnig_rate is not a known field (did you mean config.optim.learning_rate?)."
 
@@ -26,25 +28,32 @@ def run_train(*flags, env=None, timeout=120):
     )
 
 
-@pytest.mark.parametrize("config", [[], ["--config", "configs/demo.py"]], ids=["default config", "--config"])
-def test_misspelled_field_is_one_line(config, tmp_path):
-    result = run_train(*config, "--config.optim.learnig_rate=0.1", f"--workdir={tmp_path}")
-    assert (result.returncode, result.stderr) == (2, f"error: {MISSPELLED}\n")
+def parse(*args):
+    return cli.parse(["train.py", *args])
 
 
-def test_every_override_problem_at_once(tmp_path):
+def problems(*args) -> str:
+    with pytest.raises(cli.UsageError) as error:
+        parse(*args)
+    return str(error.value)
+
+
+@pytest.mark.parametrize("config", [[], ["--config", "configs/demo.py"], ["--config=configs/demo.py"]])
+def test_misspelled_field_is_one_sentence(config):
+    assert problems(*config, "--config.optim.learnig_rate=0.1") == MISSPELLED
+
+
+def test_every_override_problem_at_once():
     """Misspellings, a value its type cannot read and an impossible value: all listed, nothing else."""
-    result = run_train(
+    message = problems(
         "--config.optim.learnig_rate=0.1",
         "--config.batchsize=3",
         "--config.batch_size",  # the value as a separate argument
         "abc",
         "--config.optim.momentum=1.5",
-        f"--workdir={tmp_path}",
     )
-    assert result.returncode == 2
-    assert result.stderr.splitlines() == [
-        "error: 4 problems in the config:",
+    assert message.splitlines() == [
+        "4 problems in the config:",
         f"  - {MISSPELLED}",
         "  - config.batchsize is not a known field (did you mean config.batch_size?).",
         "  - config.batch_size='abc' is not an integer, e.g. --config.batch_size=32.",
@@ -52,9 +61,70 @@ def test_every_override_problem_at_once(tmp_path):
     ]
 
 
-def test_unreadable_value_is_one_line(tmp_path):
-    result = run_train("--config.eval_only=maybe", f"--workdir={tmp_path}")
-    assert (result.returncode, result.stderr) == (2, "error: config.eval_only='maybe' is not True or False.\n")
+def test_unreadable_value_is_one_sentence():
+    assert problems("--config.eval_only=maybe") == "config.eval_only='maybe' is not True or False."
+
+
+def test_overrides_of_every_type_and_form():
+    """`=value`, a separate value, switches and their `--no` form, tuples; the rest is left for absl."""
+    command = parse(
+        "--config",
+        "configs/cub.py:resnet50",
+        "--config.optim.learning_rate",
+        "0.5",
+        "--config.eval_flip",
+        "--noconfig.data.random_crop",
+        "--config.optim.decay_epochs=(3, 7)",
+        "--config.model.pretrained=w.pth",
+        "--workdir=runs/x",
+    )
+    c = command.config
+    assert (c.optim.learning_rate, c.eval_flip, c.data.random_crop) == (0.5, True, False)
+    assert (c.optim.decay_epochs, c.model.pretrained, c.model.arch) == ((3, 7), "w.pth", "resnet50")
+    assert command.overrides == {
+        "optim.learning_rate": 0.5,
+        "eval_flip": True,
+        "data.random_crop": False,
+        "optim.decay_epochs": (3, 7),
+        "model.pretrained": "w.pth",
+    }
+    assert command.config_given and command.config_file == "configs/cub.py:resnet50"
+    assert command.rest == ["train.py", "--config", "configs/cub.py:resnet50", "--workdir=runs/x"]
+    assert cli.default_workdir(command.config_file) == os.path.join("runs", "cub_resnet50")
+
+
+def test_the_demo_without_config():
+    command = parse()
+    assert not command.config_given and command.config_file == cli.DEMO_CONFIG and not command.overrides
+    assert cli.default_workdir(command.config_file) == os.path.join("runs", "demo")
+
+
+def test_config_file_mistakes_are_one_sentence(tmp_path):
+    assert problems("--config=nowhere.py").startswith("cannot load the config file given by --config (")
+    raising = tmp_path / "raising.py"
+    raising.write_text("def get_config(arg=None):\n    raise ValueError(f'no protocol {arg!r}')\n")
+    message = problems(f"--config={raising}:x")
+    assert message == f"--config={raising}:x: get_config() raised ValueError: no protocol 'x'"
+
+
+def test_the_config_file_is_locked():
+    with pytest.raises(AttributeError):
+        parse().config.optim.learnig_rate = 0.1
+
+
+def test_bad_flags_exit_2_with_one_line(tmp_path):
+    result = run_train("--config.optim.learnig_rate=0.1", f"--workdir={tmp_path}")
+    assert (result.returncode, result.stderr) == (2, f"error: {MISSPELLED}\n")
+    result = run_train(f"--workdir={tmp_path}", "--no_such_flag")
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1
+
+
+def test_help_lists_the_flags_and_every_config_field():
+    result = run_train("--help")
+    assert result.returncode == 0 and "--workdir" in result.stdout and "(default: 'None')" not in result.stdout
+    listed = {line.strip().split(" = ")[0] for line in result.stdout.splitlines() if " = " in line}
+    assert listed == {line.split(" = ")[0] for line in cli.config_fields()}
+    assert "optim.learning_rate" in listed and "eval_flip" in listed
 
 
 def test_impossible_value_is_one_line(tmp_path):

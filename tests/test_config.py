@@ -83,7 +83,7 @@ def test_defaults_are_valid_and_every_field_is_documented_once():
     "field,value,message",
     [
         ("batch_size", 12, "not divisible by the 8 devices"),
-        ("batch_size", 0, "config.batch_size must be an integer of at least 1, got 0."),
+        ("batch_size", 0, "config.batch_size=0 must be an integer of at least 1."),
         ("num_train_steps", 0, "num_train_steps must be -1"),
         ("model.arch", "resnet_huge", "resnet_huge"),
         ("model.head", "max", "max"),

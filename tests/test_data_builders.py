@@ -206,3 +206,13 @@ def test_synthetic_is_deterministic_and_second_order():
     np.testing.assert_allclose(stats[0][0], stats[5][0], atol=0.01)
     assert stats[0][1] > 0.002 > -0.002 > stats[5][1]
     assert synthetic.class_names(10)[5] == "0deg magenta-green"
+
+
+def test_the_own_data_sets_are_the_registered_builders():
+    """sources.OWN_BUILDERS (read without TensorFlow) names exactly the builders gcp_jax/data/builders registers."""
+    from gcp_jax.data import builders
+
+    registered = {
+        getattr(builders, name).name for name in builders.__all__ if isinstance(getattr(builders, name), type)
+    }
+    assert registered == set(sources.OWN_BUILDERS)

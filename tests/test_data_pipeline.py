@@ -264,7 +264,7 @@ def _variant_dir(root):
 
 def test_examples_without_a_file_name_are_named_by_their_tfds_id(tmp_path, caplog):
     """(To name undecodable images.) And TFDS's use of a deprecated TensorFlow function is not logged."""
-    import tensorflow_datasets.testing as tfds_testing  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets.testing as tfds_testing
 
     builder = tfds_testing.DummyMnist(data_dir=str(tmp_path))
     builder.download_and_prepare()

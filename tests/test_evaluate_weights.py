@@ -9,7 +9,7 @@ import tiny_config as tiny
 import torch
 from flax import traverse_util
 
-from gcp_jax import metrics, pretrained, training
+from gcp_jax import assembly, checkpoint, loop, metrics, pretrained, steps
 
 # The model-zoo names of resnet_tiny's modules → main.py's Newmodel (features wrapped in DataParallel).
 MAIN_PY_MODULES = {
@@ -30,7 +30,7 @@ def data_dir(tmp_path_factory):
 def trained_variables(config, num_classes, seed=7):
     """Variables of the config's model with `num_classes`: random weights of a sensible scale and
     random BN statistics, unlike any fresh init (drawn in numpy from the shapes: nothing to compile)."""
-    model = training.build_model(config, num_classes)
+    model = assembly.build_model(config, num_classes)
     size = config.data.image_size
     shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, size, size, 3), np.float32))
     rng = np.random.default_rng(seed)
@@ -52,7 +52,7 @@ def save_main_py_checkpoint(variables, path, arch="mpncovresnet50"):
     for key, value in traverse_util.flatten_dict(variables).items():
         value = np.asarray(value)
         value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else (value.T if value.ndim == 2 else value)
-        module, _, rest = pretrained._torch_key(key).partition(".")  # pylint: disable=protected-access
+        module, _, rest = pretrained._torch_key(key).partition(".")
         state_dict[f"{MAIN_PY_MODULES[module]}.{rest}"] = torch.from_numpy(np.ascontiguousarray(value))
     checkpoint = {"epoch": 100, "arch": arch, "state_dict": state_dict, "best_prec1": 90.0, "optimizer": {}}
     torch.save(checkpoint, path)
@@ -75,7 +75,7 @@ def test_eval_only_evaluates_a_weight_file_as_loaded(released, tmp_path, capsys)
     accuracies are recorded and printed, and nothing is saved but the record."""
     config, variables, path = released
     workdir = str(tmp_path / "run")
-    result = training.evaluate_checkpoint(config, workdir)
+    result = loop.evaluate_checkpoint(config, workdir)
 
     state = jax.device_get({"params": result.state.params, "batch_stats": result.state.batch_stats})
     jax.tree.map(np.testing.assert_array_equal, state, variables)  # every tensor is the file's
@@ -83,7 +83,7 @@ def test_eval_only_evaluates_a_weight_file_as_loaded(released, tmp_path, capsys)
     assert {"top1", "top1_flip", "loss", "loss_flip"} <= set(result.final)
     (record,) = metrics.read_metrics(workdir)
     assert record == {"step": 0, "split": "test_eval_only", **result.final, "pretrained": path}
-    assert not os.path.exists(os.path.join(workdir, "checkpoints")) and not training.has_checkpoint(workdir)
+    assert not os.path.exists(os.path.join(workdir, "checkpoints")) and not checkpoint.has_checkpoint(workdir)
     out = capsys.readouterr().out
     assert f"evaluated {path} as loaded (no checkpoint in {workdir}): top1 {result.final['top1']:.4f}" in out
     assert f"crop+flip top1 {result.final['top1_flip']:.4f}" in out
@@ -96,7 +96,7 @@ def test_eval_only_refuses_a_file_that_leaves_the_classifier_fresh(released, tmp
     config = config.copy_and_resolve_references()
     config.model.pretrained = save_main_py_checkpoint(five_classes, tmp_path / "five.pth.tar")
     with pytest.raises(ValueError) as error:
-        training.evaluate_checkpoint(config, str(tmp_path / "run"))
+        loop.evaluate_checkpoint(config, str(tmp_path / "run"))
     message = str(error.value)
     assert message.startswith(f"{config.model.pretrained} cannot be evaluated as loaded: classifier would keep")
     assert "classifier/kernel is (36, 5) in the file, (36, 4) in the model" in message
@@ -113,9 +113,9 @@ def test_a_file_trained_at_another_stride_says_which_to_set(released, tmp_path, 
         r"\(mpncovresnet50\) ran layer4 at stride 1, and model\.last_stride is 2; set --config\.model\.last_stride=1 "
     )
     with pytest.raises(ValueError, match=expected):
-        training.evaluate_checkpoint(config, str(tmp_path / "run"))
+        loop.evaluate_checkpoint(config, str(tmp_path / "run"))
     capsys.readouterr()
-    monkeypatch.setattr(training, "init_variables", lambda *_: variables)  # any init: it is overwritten
-    training.Run(config).initial_state()
+    monkeypatch.setattr(steps, "init_variables", lambda *_: variables)  # any init: it is overwritten
+    assembly.Run(config).initial_state()
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and "set --config.model.last_stride=1 to run it as it was trained." in warnings[0]

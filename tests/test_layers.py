@@ -112,7 +112,7 @@ def test_programs_for_accelerators_keep_native_convolution_and_pooling(platform)
 
 
 def test_a_mesh_programs_are_traced_for_its_devices_platform():
-    """The mesh decides (the steps of gcp_jax.training trace so), not an enclosing context or the host."""
+    """The mesh decides (the steps of gcp_jax.steps trace so), not an enclosing context or the host."""
     seen = []
     trace = sharding.traced_for(
         sharding.make_mesh(jax.devices()[:1]), lambda: seen.append(cpu_tuning.target_platform())

@@ -1,6 +1,6 @@
-"""8 fake CPU devices beside a process that keeps every core busy: training never hangs (issue 11, item 6).
+"""8 fake CPU devices beside a process that keeps every core busy: training never hangs (gcp_jax/batched_eigh.py).
 
-The child process (bench/eigh_devices.py, `--child stress`) runs the project's train step of a small
+The child process (bench/tools/eigh_devices.py, `--child stress`) runs the project's train step of a small
 GCP classifier on 8 devices with the demo's eigh sizes (4 covariances of 32×32 per device), then the
 first steps again on one device from the same variables, while one spinning process per core competes
 for the CPU. With jaxlib's batched CPU eigh on every device (the dispatch before the fix) this
@@ -16,7 +16,7 @@ import os
 import subprocess
 import time
 
-from bench import eigh_devices
+from bench.tools import eigh_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12  # train steps on 8 devices; the old dispatch rarely got past the third

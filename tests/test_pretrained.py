@@ -27,8 +27,9 @@ import pytest
 import safetensors.torch
 import torch
 from flax import traverse_util
-from pretrained_reference import MEAN, STD, ResNet, assert_close, nchw, normalised, randomised, raw_images
+from pretrained_reference import MEAN, STD, assert_close, nchw, normalised, randomised, raw_images
 
+from bench.torch_models import ResNet
 from gcp_jax import pretrained
 from gcp_jax.models import create_model
 
@@ -211,7 +212,7 @@ def test_file_and_arch_errors(b0, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# ResNet-50: an independent torch implementation of the torchvision layout (pretrained_reference)
+# ResNet-50: an independent torch implementation of the torchvision layout (bench/torch_models.py)
 
 
 @pytest.fixture(scope="module")

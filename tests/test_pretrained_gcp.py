@@ -1,7 +1,7 @@
 """The GCP field's PyTorch files load into gcp_jax models that compute the same logits.
 
 fast-MPN-COV's `mpncovresnet50` and DifferentiableSVD's ResNet-50 + SEB are rebuilt in PyTorch
-(tests/pretrained_reference.py, independent of gcp_jax) with random weights and random BatchNorm
+(bench/torch_models.py, independent of gcp_jax) with random weights and random BatchNorm
 statistics, saved in each layout their code writes (model-zoo state dict in torch's legacy format;
 `main.py` checkpoints with `features.module.`, with `module.` on every key and without prefix, from
 scratch and after `--pretrained`, with an argparse.Namespace and optimizer state beside the weights),
@@ -18,23 +18,10 @@ import numpy as np
 import pytest
 import torch
 from flax import traverse_util
-from pretrained_reference import (
-    SEB,
-    ISqrtCov,
-    MPNCOVResNet,
-    Newmodel,
-    assert_close,
-    covariance,
-    nchw,
-    normalised,
-    randomised,
-    raw_images,
-    relative_error,
-    resnet50_trunk,
-    seb,
-)
+from pretrained_reference import assert_close, nchw, normalised, randomised, raw_images, relative_error
 from torch import nn
 
+from bench.torch_models import SEB, ISqrtCov, MPNCOVResNet, Newmodel, covariance, resnet50_trunk, seb
 from gcp_jax import linalg, pretrained
 from gcp_jax.models import create_model
 

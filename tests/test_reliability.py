@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 import tiny_config
 
+from gcp_jax import assembly, data, loop, metrics, run_config, sharding
 from gcp_jax import checkpoint as ckpt_lib
 from gcp_jax import config as config_lib
-from gcp_jax import data, metrics, sharding, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAULTY_TRAIN = os.path.join(ROOT, "tests", "faulty_train.py")
@@ -57,7 +57,7 @@ def one_device_runs(jax_cache):
     """Runs in this process use one device, and one Run per config: its jitted steps compile once."""
     mesh = sharding.make_mesh(jax.devices()[:1])
     runs = {}
-    real_run = training.Run
+    real_run = assembly.Run
 
     def run(config, _mesh=None):
         key = config.to_json_best_effort(sort_keys=True)
@@ -66,7 +66,7 @@ def one_device_runs(jax_cache):
         return runs[key]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(training, "Run", run)
+        patch.setattr(assembly, "Run", run)
         yield
 
 
@@ -74,7 +74,7 @@ def one_device_runs(jax_cache):
 def reference(data_dir, tmp_path_factory):
     """The uninterrupted run: (workdir, RunResult)."""
     workdir = str(tmp_path_factory.mktemp("reference"))
-    return workdir, training.train_and_evaluate(tiny_config.get_config(data_dir), workdir)
+    return workdir, loop.train_and_evaluate(tiny_config.get_config(data_dir), workdir)
 
 
 def evals(workdir):
@@ -91,7 +91,7 @@ def assert_same_end(workdir, data_dir, reference):
     (Train records may differ: a stopped run logs the step it stopped at.)
     """
     ref_dir, ref = reference
-    result = training.train_and_evaluate(tiny_config.get_config(data_dir), workdir)
+    result = loop.train_and_evaluate(tiny_config.get_config(data_dir), workdir)
     assert result.step == 8 and not result.preempted
     assert result.final == ref.final and evals(workdir) == evals(ref_dir)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(result.state), jax.device_get(ref.state))
@@ -367,18 +367,18 @@ def test_config_change_on_resume_is_refused_or_kept(tmp_path, data_dir, referenc
     changed.optim.learning_rate = 0.1
     before = snapshot(workdir)
     with pytest.raises(config_lib.ConfigError, match=r"optim\.learning_rate \(0\.05 -> 0\.1\).*allow_config_change"):
-        training.train_and_evaluate(changed, workdir)
+        loop.train_and_evaluate(changed, workdir)
     assert snapshot(workdir) == before  # refused before any file was touched
 
     cadence = tiny_config.get_config(data_dir)
     cadence.log_every_steps, cadence.num_epochs = 1, 3  # run length and cadence: no flag needed
-    assert training.config_changes(training.load_config(workdir), cadence)
-    training.check_config_change(cadence, workdir)
+    assert run_config.config_changes(run_config.load_config(workdir), cadence)
+    run_config.check_config_change(cadence, workdir)
 
     changed.allow_config_change = True
-    result = training.train_and_evaluate(changed, workdir)  # complete: nothing to train
+    result = loop.train_and_evaluate(changed, workdir)  # complete: nothing to train
     assert result.step == 8
-    assert training.load_config(workdir).optim.learning_rate == 0.1
+    assert run_config.load_config(workdir).optim.learning_rate == 0.1
     with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
         assert json.load(f)["optim"]["learning_rate"] == 0.05  # the first config is kept
     assert os.path.exists(os.path.join(workdir, "config.8.json"))
@@ -393,7 +393,7 @@ def test_checkpoint_of_another_shape_does_not_fit(tmp_path, data_dir, reference,
         ckpt_lib.MismatchError,
         match=r"step 8 .* does not fit this config \(.*head/reduce_bn/bias is \(8,\) float32 there but \(6,\)",
     ):
-        training.train_and_evaluate(changed, workdir)
+        loop.train_and_evaluate(changed, workdir)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
     assert "Exception ignored" not in capfd.readouterr().err
 
@@ -494,9 +494,9 @@ def test_skipped_images_reach_train_and_eval_records_across_a_resume(tmp_path, d
 
     config = tiny_config.get_config(data_dir)
     monkeypatch.setattr(data, "train_batches", lambda *a, **k: OneSkipped(*a, stop_at=3, **k))
-    assert training.train_and_evaluate(config, str(tmp_path)).stopped_by == signal.SIGTERM
+    assert loop.train_and_evaluate(config, str(tmp_path)).stopped_by == signal.SIGTERM
     monkeypatch.setattr(data, "train_batches", OneSkipped)
-    assert training.train_and_evaluate(config, str(tmp_path)).step == 8
+    assert loop.train_and_evaluate(config, str(tmp_path)).step == 8
     records = metrics.read_metrics(str(tmp_path))
     train = [(r["step"], r["skipped_images"]) for r in records if r["split"] == "train"]
     assert train == [(2, 1), (3, 1), (4, 2), (6, 2), (8, 2)]

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 from configs import demo
-from gcp_jax import data, optim, sharding, training
+from gcp_jax import assembly, data, optim, sharding, steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,12 +30,12 @@ def test_eigh_stays_per_shard():
     several CPU devices one matrix per device and call (gcp_jax.batched_eigh), 2 calls in a loop."""
     config = demo.get_config()
     config.gcp.dim = 8
-    model = training.build_model(config, num_classes=4)
+    model = assembly.build_model(config, num_classes=4)
     mesh = sharding.make_mesh()
     schedule = optim.learning_rate_schedule(config.optim, 4, 8)
     tx = optim.make_optimizer(config.optim, schedule)
-    state = training.create_train_state(training.init_variables(model, 32, 0, mesh), tx, mesh)
-    step = training.make_train_step(model, tx, mesh)
+    state = steps.create_train_state(steps.init_variables(model, 32, 0, mesh), tx, mesh)
+    step = steps.make_train_step(model, tx, mesh)
     batch = sharding.global_batch(
         {"image": np.zeros((16, 32, 32, 3), np.float32), "label": np.zeros(16, np.int32)}, mesh
     )

@@ -9,12 +9,15 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "gcp_jax"
 LAYERS = (
     ("checks", "imagenet", "cpu_tuning", "batched_eigh", "stopping", "compile_cache"),
     ("linalg", "layers", "sharding", "metrics", "checkpoint", "optim"),
-    ("pooling", "spectrum"),
+    ("pooling", "spectrum", "steps"),
     ("models",),
     ("config",),
-    ("data", "pretrained"),
-    ("training",),
-    ("analysis", "aot"),
+    ("data", "pretrained", "run_config"),
+    ("assembly",),
+    ("weights_eval",),
+    ("loop",),
+    ("analysis", "cli"),
+    ("aot",),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gcp_jax import config, metrics, optim, sharding, training
+from gcp_jax import config, metrics, optim, sharding, steps
 
 
 class Tiny(nn.Module):
@@ -33,7 +33,7 @@ def tiny_setup(mesh, optim_cfg=None, steps_per_epoch=4, total_steps=12, num_clas
     model = Tiny(num_classes)
     schedule = optim.learning_rate_schedule(optim_cfg, steps_per_epoch, total_steps)
     tx = optim.make_optimizer(optim_cfg, schedule)
-    state = training.create_train_state(training.init_variables(model, 16, 0, mesh), tx, mesh)
+    state = steps.create_train_state(steps.init_variables(model, 16, 0, mesh), tx, mesh)
     return model, tx, state
 
 
@@ -65,7 +65,7 @@ def eval_split(images, labels, batch=16):
 
 def test_optimizer_matches_pytorch_recipe():
     """clip_grad_norm_ -> SGD(momentum, weight_decay, two param groups) -> MultiStepLR, step for step."""
-    import torch  # pylint: disable=g-import-not-at-top  (only this test needs it)
+    import torch  # only this test needs it
 
     cfg = optim_config(
         learning_rate=0.1,
@@ -114,7 +114,7 @@ def test_schedules():
 def test_nonfinite_step_never_updates():
     mesh = sharding.make_mesh()
     model, tx, state = tiny_setup(mesh)
-    step = training.make_train_step(model, tx, mesh)
+    step = steps.make_train_step(model, tx, mesh)
     before = jax.device_get((state.params, state.batch_stats))
     bad = batches(1)[0]
     bad["image"][3, 0, 0, 0] = np.nan
@@ -129,7 +129,7 @@ def test_nonfinite_step_never_updates():
 
 def _train(mesh, data):
     model, tx, state = tiny_setup(mesh)
-    step = training.make_train_step(model, tx, mesh)
+    step = steps.make_train_step(model, tx, mesh)
     losses = []
     for batch in data:
         state, metrics = step(state, sharding.global_batch(batch, mesh))
@@ -156,7 +156,7 @@ def test_eval_counts_every_example_once():
     images = rng.normal(size=(n, 16, 16, 3)).astype(np.float32)
     labels = rng.integers(0, 5, n).astype(np.int32)
     split = eval_split(images, labels)
-    result = training.evaluate(training.make_eval_step(model, 5, mesh), state, split, 5, mesh)
+    result = steps.evaluate(steps.make_eval_step(model, 5, mesh), state, split, 5, mesh)
     logits = np.asarray(model.apply({"params": state.params, "batch_stats": state.batch_stats}, images))
     correct = logits.argmax(-1) == labels
     per_class = [correct[labels == c].mean() for c in range(5) if (labels == c).any()]
@@ -172,10 +172,10 @@ def flip_eval():
     tiny model's apply."""
     mesh = sharding.make_mesh()
     model, _, state = tiny_setup(mesh)
-    step = training.make_eval_step(model, 5, mesh, flip=True)
+    step = steps.make_eval_step(model, 5, mesh, flip=True)
 
     def evaluate(images, labels):
-        return training.evaluate(step, state, eval_split(images, labels), 5, mesh, flip=True)
+        return steps.evaluate(step, state, eval_split(images, labels), 5, mesh, flip=True)
 
     def apply(images):
         return np.asarray(model.apply({"params": state.params, "batch_stats": state.batch_stats}, images), np.float64)

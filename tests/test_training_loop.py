@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tiny_config as tiny
 
-from gcp_jax import data, metrics, training
+from gcp_jax import assembly, data, loop, metrics, run_config
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def eval_records(workdir):
 
 def test_interrupted_and_resumed_equals_uninterrupted(data_dir, tmp_path, monkeypatch):
     config = tiny.get_config(data_dir)
-    full = training.train_and_evaluate(config, str(tmp_path / "full"))
+    full = loop.train_and_evaluate(config, str(tmp_path / "full"))
     assert full.step == 8 and not full.preempted
 
     def sigterm_at_3(i, batch):  # SIGTERM arrives while step 3 is being fed
@@ -53,10 +53,10 @@ def test_interrupted_and_resumed_equals_uninterrupted(data_dir, tmp_path, monkey
         return batch
 
     monkeypatch.setattr(data, "train_batches", lambda *a, **k: Batches(sigterm_at_3, *a, **k))
-    first = training.train_and_evaluate(config, str(tmp_path / "resumed"))
+    first = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
     assert first.stopped_by == signal.SIGTERM and first.step == 3
     monkeypatch.setattr(data, "train_batches", real_train_batches)
-    resumed = training.train_and_evaluate(config, str(tmp_path / "resumed"))
+    resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
     assert resumed.step == 8 and not resumed.preempted
 
     jax.tree.map(np.testing.assert_array_equal, params_of(resumed), params_of(full))
@@ -68,9 +68,9 @@ def test_interrupted_and_resumed_equals_uninterrupted(data_dir, tmp_path, monkey
 
     # eval_only evaluates the latest checkpoint with the run's saved config: the run's final eval.
     overrides = {"eval_only": True, "gcp.dim": 16, "data.eval_split": "test"}  # gcp.dim: not for eval, ignored
-    eval_config = training.run_config(str(tmp_path / "full"), overrides, eval_only=True)
+    eval_config = run_config.load_config_with(str(tmp_path / "full"), overrides, eval_only=True)
     assert eval_config.gcp.dim == 8 and eval_config.eval_only
-    again = training.evaluate_checkpoint(eval_config, str(tmp_path / "full"))
+    again = loop.evaluate_checkpoint(eval_config, str(tmp_path / "full"))
     assert again.step == 8 and again.final == full.final
     assert again.final["count"] == 20 and again.final["skipped_images"] == 0  # 4 classes x 5 images, once each
     assert metrics.read_metrics(tmp_path / "full")[-1] == {"step": 8, "split": "test_eval_only", **full.final}
@@ -83,16 +83,16 @@ def test_nonfinite_steps_stop_the_run(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(data, "train_batches", lambda *a, **k: Batches(nan_images, *a, **k))
     config = tiny.get_config(data_dir)
     config.max_nonfinite_steps = 3
-    with pytest.raises(training.NonFiniteError, match=r"Stopped at step 4: 4 steps .*max_nonfinite_steps=3"):
-        training.train_and_evaluate(config, str(tmp_path))
+    with pytest.raises(loop.NonFiniteError, match=r"Stopped at step 4: 4 steps .*max_nonfinite_steps=3"):
+        loop.train_and_evaluate(config, str(tmp_path))
 
 
 def test_pretrained_backbone_is_loaded(data_dir, tmp_path):
     """config.model.pretrained: a torchvision-layout state dict of resnet_tiny fills the backbone."""
-    from flax import traverse_util  # pylint: disable=g-import-not-at-top
-    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    from flax import traverse_util
+    from safetensors.numpy import save_file
 
-    from gcp_jax import models, pretrained  # pylint: disable=g-import-not-at-top
+    from gcp_jax import models, pretrained
 
     imagenet = models.create_model("resnet_tiny", num_classes=1000, head="gap")
     variables = jax.jit(imagenet.init)(jax.random.key(7), np.zeros((1, 32, 32, 3), np.float32))
@@ -102,13 +102,13 @@ def test_pretrained_backbone_is_loaded(data_dir, tmp_path):
         value = (
             value.transpose(3, 2, 0, 1) if value.ndim == 4 else (value.T if value.ndim == 2 else value)
         )  # torch layouts
-        state_dict[pretrained._torch_key(key)] = np.ascontiguousarray(value)  # pylint: disable=protected-access
+        state_dict[pretrained._torch_key(key)] = np.ascontiguousarray(value)
     path = str(tmp_path / "resnet_tiny.safetensors")
     save_file(state_dict, path)
 
     config = tiny.get_config(data_dir)
     config.model.pretrained = path
-    state = training.Run(config).initial_state()
+    state = assembly.Run(config).initial_state()
     np.testing.assert_array_equal(
         state.params["backbone"]["conv1"]["kernel"], variables["params"]["backbone"]["conv1"]["kernel"]
     )

@@ -17,8 +17,6 @@ import numpy as np
 from gcp_jax import linalg
 from gcp_jax.spectrum import require_gcp
 
-PARTS = ("large", "small")
-
 
 def _part_scores_from_features(module, features, label, rank):
     """[B, 2] scores of the large and small parts for class `label`."""

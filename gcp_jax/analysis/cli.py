@@ -24,12 +24,12 @@ from gcp_jax.analysis import attribution, plots, spectra, truncation
 
 def load_run(workdir, step=None):
     """(run, variables) of a trained workdir: its config.json and a checkpoint (latest by default)."""
-    from gcp_jax import training
+    from gcp_jax import assembly, run_config
 
-    config = training.load_config(workdir)
-    training.configure_jax(config)
-    run = training.Run(config)
-    state, _ = training.restore(run, workdir, step)
+    config = run_config.load_config(workdir)
+    assembly.configure_jax(config)
+    run = assembly.Run(config)
+    state, _ = assembly.restore(run, workdir, step)
     return run, {"params": state.params, "batch_stats": state.batch_stats}
 
 

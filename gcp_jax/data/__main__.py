@@ -12,7 +12,7 @@ from gcp_jax.data import sources
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gcp_jax.data", description=__doc__.splitlines()[0])
-    parser.add_argument("name", help="e.g. fgvc_aircraft/variant, stanford_cars, caltech_birds2011, synthetic_fgvc")
+    parser.add_argument("name", help=sources.KNOWN)
     parser.add_argument("--data_dir", default="", help="TFDS data directory (default: TFDS's)")
     parser.add_argument("--manual_dir", default="", help="folder with the downloaded files, or image_folder's root")
     args = parser.parse_args(argv)

@@ -13,7 +13,7 @@ def tf():
     # Errors only from TensorFlow's C++ side: its INFO and WARNING lines (oneDNN, CPU features, rendezvous,
     # "All log messages before absl::InitializeLog()") are about TensorFlow, not the user's data.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow  # pylint: disable=g-import-not-at-top
+    import tensorflow
 
     with contextlib.suppress(RuntimeError):  # TensorFlow was initialised before us; nothing left to hide.
         tensorflow.config.set_visible_devices([], "GPU")
@@ -24,7 +24,7 @@ def tf():
 def tfds():
     """The tensorflow_datasets module, with this package's builders registered."""
     tf()
-    import tensorflow_datasets  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets
 
     from gcp_jax.data import builders  # noqa: F401  (registers the own builders with TFDS)
 

@@ -52,7 +52,7 @@ def _connect(address: tuple[str, int], timeout: float) -> str:
 @contextlib.contextmanager
 def downloads_fail_fast() -> Iterator[None]:
     """TFDS downloads raise ConnectionError at once, without retries, when their host is unreachable."""
-    from tensorflow_datasets.core.download import downloader  # pylint: disable=g-import-not-at-top
+    from tensorflow_datasets.core.download import downloader
 
     open_url = getattr(downloader, "_open_url", None)  # TFDS's one network entry (4.9).
     if open_url is None:  # Another TFDS: its own retries apply.
@@ -63,11 +63,11 @@ def downloads_fail_fast() -> Iterator[None]:
         check_reachable(url)
         return open_url(url, **kwargs)
 
-    downloader._open_url = checked  # pylint: disable=protected-access
+    downloader._open_url = checked
     try:
         yield
     finally:
-        downloader._open_url = open_url  # pylint: disable=protected-access
+        downloader._open_url = open_url
 
 
 @contextlib.contextmanager

@@ -89,7 +89,7 @@ def eval_batches(
 
 def _process(index: int | None, count: int | None) -> tuple[int, int]:
     if index is None or count is None:
-        import jax  # pylint: disable=g-import-not-at-top
+        import jax
 
         index = jax.process_index() if index is None else index
         count = jax.process_count() if count is None else count

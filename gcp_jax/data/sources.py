@@ -22,6 +22,7 @@ from etils import epath
 from gcp_jax.data import _tf, offline
 from gcp_jax.data.errors import MissingDataError, missing_data_message
 
+# The data sets of gcp_jax/data/builders (a test checks that these are the ones registered with TFDS).
 OWN_BUILDERS = ("fgvc_aircraft", "stanford_cars", "synthetic_fgvc")
 IMAGE_FOLDER = "image_folder"
 FOLDER_SPLITS = ("train", "trainval", "val", "validation", "test")
@@ -29,9 +30,9 @@ TRAIN_FOLDERS = ("train", "trainval")
 _NAMED_MAX = 20  # Ignored files named in one log line.
 log = logging.getLogger("gcp_jax.data")
 _FILE_NAME_KEYS = ("file_name", "image/filename", "id")  # What the catalog's builders call it.
-_KNOWN = (
-    "fgvc_aircraft[/variant|/family|/manufacturer], stanford_cars, synthetic_fgvc, image_folder, or a "
-    "TFDS catalog name such as caltech_birds2011, stanford_dogs, oxford_flowers102, i_naturalist2017"
+KNOWN = (
+    f"{', '.join(OWN_BUILDERS)} (fgvc_aircraft/variant, /family or /manufacturer), {IMAGE_FOLDER}, or a TFDS "
+    "catalog name such as caltech_birds2011, stanford_dogs, oxford_flowers102, i_naturalist2017"
 )
 
 
@@ -88,7 +89,7 @@ def _tfds_source(name: str, data_dir: str, manual_dir: str, synthetic: tuple[int
     tfds = _tf.tfds()
     kwargs = {"data_dir": data_dir or None}
     if name == "synthetic_fgvc":
-        from gcp_jax.data.builders import synthetic_config  # pylint: disable=g-import-not-at-top
+        from gcp_jax.data.builders import synthetic_config
 
         config = synthetic_config(*synthetic)
         predefined = {c.name for c in tfds.builder_cls(name).BUILDER_CONFIGS}
@@ -96,7 +97,7 @@ def _tfds_source(name: str, data_dir: str, manual_dir: str, synthetic: tuple[int
     try:
         builder = tfds.builder(name, **kwargs)
     except ValueError as e:  # tfds.core.registered.DatasetNotFoundError, or an unknown config.
-        raise ValueError(f"Unknown data set {name!r} ({_first_line(e)}); use {_KNOWN}.") from None
+        raise ValueError(f"Unknown data set {name!r} ({_first_line(e)}); use {KNOWN}.") from None
     if not (builder.data_path.exists() and builder.is_prepared()):  # (TFDS warns about a folder it lacks.)
         _prepare(builder, manual_dir)
     file_key = next((k for k in _FILE_NAME_KEYS if k in builder.info.features), None)
@@ -121,7 +122,7 @@ def _prepare(builder, manual_dir: str) -> None:
             builder.download_and_prepare(download_config=config)
     except MissingDataError as e:
         raise MissingDataError(str(e)) from None  # The own builders' message, without TFDS's stack.
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
         if builder.name in OWN_BUILDERS:
             raise
         manual = manual_dir or os.path.join(root, "downloads", "manual")
@@ -135,7 +136,7 @@ def _catalog_message(builder, manual: str) -> str:
     """What a TFDS catalog data set downloads, from its registered checksums."""
     try:
         urls = type(builder).url_infos or {}
-    except Exception:  # pylint: disable=broad-except  # Some builders keep no checksums.
+    except Exception:  # Some builders keep no checksums.
         urls = {}
     named = {}  # {file name: its URLs}: a file may have several (a mirror, an old address).
     for url, info in urls.items():
@@ -217,7 +218,7 @@ def _image_folder(root: str) -> Source:
 @functools.cache
 def image_extensions() -> frozenset[str]:
     """The file extensions (lower case, with the dot) of every format Pillow can open."""
-    from PIL import Image, ImageFile  # pylint: disable=g-import-not-at-top
+    from PIL import Image, ImageFile
 
     def readable(fmt):  # Stub plugins (HDF5, GRIB, BUFR) only recognise files; they cannot read them.
         factory = Image.OPEN.get(fmt, (None,))[0]

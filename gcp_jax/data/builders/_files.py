@@ -23,7 +23,7 @@ def manual_dir(dl_manager) -> epath.Path | None:
 
 def manual_dir_name(dl_manager) -> str:
     """The manual directory's path for messages, whether or not it exists."""
-    return os.fspath(dl_manager._manual_dir)  # pylint: disable=protected-access
+    return os.fspath(dl_manager._manual_dir)
 
 
 def search_roots(dl_manager, archives: dict[str, str | None]) -> list[epath.Path]:

@@ -69,7 +69,7 @@ class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
             message = missing_data_message("fgvc_aircraft", _EXPECTED, _files.manual_dir_name(dl_manager), URL)
             try:
                 archive = dl_manager.download(URL)
-            except Exception as e:  # pylint: disable=broad-except  # offline, proxy, server down
+            except Exception as e:  # offline, proxy, server down
                 reason = (str(e).splitlines() or [""])[0][:200]
                 raise MissingDataError(f"{message} (The download failed: {type(e).__name__}: {reason})") from None
             _files.check_md5(archive, ARCHIVE_MD5)

@@ -4,7 +4,7 @@
     python -m bench eigh_devices --devices 1,8 --workloads step --busy yes
     python -m bench eigh_devices --stacks                   # on a hang, count the stuck native threads (gdb)
 
-Issue 11, item 6: `train.py` with `--xla_force_host_platform_device_count=8` never finished its
+The bug it reproduces: `train.py` with `--xla_force_host_platform_device_count=8` never finished its
 first step. The cause (gcp_jax/batched_eigh.py has the details): jaxlib 0.10's CPU `syevd` kernel
 splits a batch into chunks on XLA:CPU's intra-op pool and blocks its thread until they are done
 (`jax::ParallelBatchMap` → `BlockingCounter::Wait`). In a train step the thunk executor runs the eigh
@@ -15,7 +15,7 @@ Each cell is a fresh process (the device count is fixed when JAX starts) with th
 devices and the batch sharded over them:
 
 * `eigh`: jit(eigh(a)[0]) of a [16, 256, 256] float32 SPD batch, ms per call (median).
-* `step`: the project's train step (`training.make_train_step`) of a small GCP classifier (one 3×3
+* `step`: the project's train step (`steps.make_train_step`) of a small GCP classifier (one 3×3
   conv, then the demo's GCP head: 1×1 conv to d = 32, BN, covariance, SEB, classifier), global batch
   32 of 16×16 images: 4 covariances per device on 8 devices, the demo's eigh size. ms per step.
 
@@ -122,15 +122,15 @@ def train_setup(jax, np, mesh, variables=None, batch_size=32, image_size=16, see
     """(jitted train step, its first state, 3 global batches) of `tiny_gcp_classifier` on `mesh`,
     from `variables` (host arrays; default `host_variables`)."""
     from configs import demo
-    from gcp_jax import optim, sharding, training
+    from gcp_jax import optim, sharding, steps
 
     config = demo.get_config()
     model = tiny_gcp_classifier()
     tx = optim.make_optimizer(config.optim, optim.learning_rate_schedule(config.optim, 10, 100))
     if variables is None:
         variables = host_variables(jax, np, model, image_size, seed)
-    state = training.create_train_state(sharding.replicate(variables, mesh), tx, mesh)
-    step = training.make_train_step(model, tx, mesh)
+    state = steps.create_train_state(sharding.replicate(variables, mesh), tx, mesh)
+    step = steps.make_train_step(model, tx, mesh)
     rng = np.random.default_rng(seed)
     batches = [
         sharding.global_batch(
