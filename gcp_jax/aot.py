@@ -67,6 +67,7 @@ class Gpu:
     bandwidth: int  # bytes/s
     clock_ghz: float
     source: str
+    fpus_per_core: int = 128  # FP32 lanes per SM: 128 on Hopper and Ada, 64 on the A100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,10 +95,10 @@ GPUS = {
         "NVIDIA H200 Tensor Core GPU datasheet (2024), SXM: 141 GB HBM3e (143771 MiB), 4.8 TB/s; H100 SM",
     ),
     "a100-40gb": Gpu(
-        "NVIDIA A100-SXM4-40GB", 42505273344, 108, (8, 0), 167936, 166912, 2048, 41943040, 1555000000000, 1.41, _A100
+        "NVIDIA A100-SXM4-40GB", 42505273344, 108, (8, 0), 167936, 166912, 2048, 41943040, 1555000000000, 1.41, _A100, 64
     ),
     "a100-80gb": Gpu(
-        "NVIDIA A100-SXM4-80GB", 85899345920, 108, (8, 0), 167936, 166912, 2048, 41943040, 2039000000000, 1.41, _A100
+        "NVIDIA A100-SXM4-80GB", 85899345920, 108, (8, 0), 167936, 166912, 2048, 41943040, 2039000000000, 1.41, _A100, 64
     ),
     "l4": Gpu(
         "NVIDIA L4", 24152899584, 58, (8, 9), 102400, 101376, 1536, 50331648, 300000000000, 2.04,
@@ -183,7 +184,7 @@ def parse_target(name: str) -> Target:
     if number % spec.cores_per_chip or not _power_of_two(chips) or number < smallest:
         counts = "TensorCores, 2 per chip" if spec.cores_per_chip == 2 else "chips"
         raise AotError(
-            f"--target={name}: {spec.topology} accelerator types count {counts}: give a power of two of at least {smallest} ({spec.topology}-{smallest * 2})."
+            f"--target={name}: {spec.topology} accelerator types count {counts}: give a power of two of at least {smallest} ({spec.topology}-{smallest})."
         )
     shape = tpu_shape(chips, spec.dims)
     per_host = chips if chips <= spec.max_single_host else spec.chips_per_host
@@ -201,7 +202,7 @@ def gpu_target_config(gpu: Gpu) -> str:
   shared_memory_per_core: {gpu.shared_per_core}
   threads_per_core_limit: {gpu.threads_per_core}
   core_count: {gpu.cores}
-  fpus_per_core: 128
+  fpus_per_core: {gpu.fpus_per_core}
   block_dim_limit_x: 2147483647
   block_dim_limit_y: 65535
   block_dim_limit_z: 65535
@@ -334,8 +335,10 @@ def compile_step(run, step: str, per_device: int) -> dict[str, Any]:
         needed = hbm_overflow(str(e))
         if needed is None:
             raise
+        unknown = dict.fromkeys(("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "flops"))
         return {
             **record,
+            **unknown,  # the TPU compiler said only the total
             "peak_bytes": needed,
             "fits": False,
             "compile_s": time.perf_counter() - start,

@@ -84,6 +84,14 @@ def test_a_tpu_compile_over_hbm_gives_what_it_needs():
     message = "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 21.30G of 15.75G hbm. Exceeded hbm capacity by 5.55G."
     assert aot.hbm_overflow(message) == int(21.30 * aot.GiB)
     assert aot.hbm_overflow("INTERNAL: something else") is None
+    v5e = aot.parse_target("v5e-4")
+    refused = {"step": "train", "per_device_batch": 32, "peak_bytes": aot.hbm_overflow(message), "compile_s": 1.0}
+    record = aot.with_fits(v5e, {**refused, "fits": False, "refused": True, "flops": None})
+    assert not record["fits"] and "needs (TPU compiler)  21.30 GiB" in aot.step_table(v5e, record)
+    assert aot.too_big(v5e, record) == (
+        "the train step needs 21.3 GiB per device at batch 32, 16.0 GiB usable on TPU v5e; "
+        "--max_batch finds the largest that fits."
+    )
 
 
 def _fake_python(tmp_path, body: str) -> str:
