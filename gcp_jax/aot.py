@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -405,14 +406,17 @@ def child_main(config, target: Target, num_classes: int, requests: list[tuple[st
 # The parent: child processes, the batch search, the report
 
 
-_ABORT = re.compile(r"(Check failed:.*|F\d{4} .*|Fatal Python error:.*|.*Aborted.*)")
+# What says why a child died, most telling first: XLA's failed check, a fatal log line, Python's, the signal.
+_FATAL = tuple(
+    map(re.compile, (r"Check failed:.*", r"^F\d{4} .*", r"Fatal Python error:.*", r"\*\*\* SIG\w+ received.*"))
+)
 
 
 def abort_line(stderr: str, returncode: int) -> str:
-    """One line for a child that died: XLA's last fatal message, else its last line of stderr."""
+    """One line for a child that died: the most telling of XLA's fatal messages, else its last line of stderr."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    fatal = [m.group(1) for line in lines if (m := _ABORT.search(line))]
-    reason = (fatal or lines or [f"exit status {returncode}"])[-1]
+    found = ([m.group(0) for line in lines if (m := pattern.search(line))] for pattern in _FATAL)
+    reason = next((matches[-1] for matches in found if matches), lines[-1] if lines else f"exit status {returncode}")
     return reason if len(reason) <= 300 else reason[:297] + "..."
 
 
@@ -443,14 +447,23 @@ def compile_in_child(argv: list[str], requests: list[tuple[str, int]]) -> list[d
     last = child.stderr.strip().splitlines()[-1] if child.stderr.strip() else ""
     if last.startswith("error: "):  # the child's own one-line error
         raise AotError(last[len("error: ") :])
-    died = (
-        "XLA aborted"
-        if child.returncode < 0 or child.returncode == 134
-        else f"the compiler exited ({child.returncode})"
-    )
+    fd, log = tempfile.mkstemp(prefix="gcp_jax_aot_", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write(child.stderr)
     raise AotError(
-        f"{died} while compiling the {step} step at batch {batch} per device: {abort_line(child.stderr, child.returncode)}"
+        f"{died_how(child.returncode)} while compiling the {step} step at batch {batch} per device: "
+        f"{abort_line(child.stderr, child.returncode)} (its output: {log})"
     )
+
+
+def died_how(returncode: int) -> str:
+    """How a child process ended: 'XLA aborted (SIGABRT)', 'the compiler crashed (SIGSEGV)', 'the compiler exited (1)'."""
+    number = -returncode if returncode < 0 else returncode - 128 if returncode > 128 else 0
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        return f"the compiler exited ({returncode})"
+    return f"XLA aborted ({name})" if name == "SIGABRT" else f"the compiler crashed ({name})"
 
 
 def next_probe(points: dict[int, tuple[int, bool]], usable: int) -> int | None:

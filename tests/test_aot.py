@@ -109,8 +109,12 @@ def test_an_xla_abort_in_the_child_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(aot.AotError) as e:
         aot.compile_in_child(["--target=h100"], [("train", 16)])
     message = str(e.value)
-    assert message.startswith("XLA aborted while compiling the train step at batch 16 per device")
+    assert message.startswith("XLA aborted (SIGABRT) while compiling the train step at batch 16 per device: ")
     assert "Check failed: subdim_size_accumulator == dim_size (3136 vs. 112)" in message and "\n" not in message
+    log = message.rpartition("(its output: ")[2].rstrip(")")
+    with open(log) as f:  # the whole of it kept for a bug report
+        assert check in f.read()
+    os.remove(log)
 
 
 def test_a_missing_plugin_names_the_pip_command(monkeypatch):
@@ -203,3 +207,16 @@ def test_a_multi_host_tpu_slice_compiles_as_one_program(tmp_path):
         == train["argument_bytes"] + train["output_bytes"] + train["temp_bytes"] - train["alias_bytes"]
     )
     assert rec["usable_bytes"] == rec["capacity_bytes"] == 16 * aot.GiB
+
+
+@pytest.mark.parametrize(
+    "code, said",
+    [
+        (-6, "XLA aborted (SIGABRT)"),
+        (134, "XLA aborted (SIGABRT)"),
+        (-11, "the compiler crashed (SIGSEGV)"),
+        (1, "the compiler exited (1)"),
+    ],
+)
+def test_how_a_child_died_is_named(code, said):
+    assert aot.died_how(code) == said
