@@ -8,7 +8,8 @@ the backbone dtype set (ResNet-50 with layer4 at stride 1, EfficientNet-B5; SEB 
 CUB's 200 classes): two compiles of the train step fit its memory line, then compiles refine the
 boundary (at most --compiles). Compile-time facts on a CPU host, not measured speed: XLA:GPU
 cannot autotune without the device. Cells are written to --out as they finish, and a rerun with
-the same --out skips those already there, so a long job can be stopped and continued.
+the same --out skips those already there (and tries failed ones again), so a long job can be
+stopped and continued.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def main(argv: list[str]) -> int:
     rows = []
     if args.out and os.path.exists(args.out):
         with open(args.out, encoding="utf-8") as f:
-            rows = json.load(f)["rows"]
+            rows = [r for r in json.load(f)["rows"] if "error" not in r]  # a failed cell is tried again
     done = {(r["arch"], r["dtype"], r["target"]) for r in rows}
     # Cells in priority order: each backbone and dtype on every target before the next dtype.
     for arch in args.archs:

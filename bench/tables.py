@@ -296,7 +296,8 @@ def startup_tables(rec: dict) -> dict[str, str]:
 
 def fits_tables(rec: dict) -> dict[str, str]:
     """Table "fits": the largest per-device train batch of each backbone and dtype per target (≥: not
-    confirmed by compiling one more), with the mean compile time; a cell that failed shows —."""
+    confirmed by compiling one more), with the mean compile time; "failed": the compiler failed (the
+    record says how); — : not compiled yet."""
     from bench import fits  # its cell order; it imports no JAX
 
     order = lambda key, known: (known.index(key) if key in known else len(known), key)
@@ -304,7 +305,7 @@ def fits_tables(rec: dict) -> dict[str, str]:
     cells: dict[tuple[str, str], dict[str, str]] = {(arch, dtype): {} for arch in fits.ARCHS for dtype in fits.DTYPES}
     for r in sorted(rec["rows"], key=lambda r: (order(r["arch"], list(fits.ARCHS)), order(r["dtype"], fits.DTYPES))):
         if "error" in r:
-            text = NONE
+            text = "failed"  # the record's "error" says how
         else:
             text = f"{'' if r['exact'] else '≥'}{r['max_per_device_batch']} ({r['compile_s']:.0f} s)"
         cells.setdefault((r["arch"], r["dtype"]), {})[r["target"]] = text
