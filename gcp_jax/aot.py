@@ -33,7 +33,7 @@ import time
 from typing import Any
 
 GiB = 1 << 30
-EXTRA = "pip install 'gcp-jax[aot]'  (in a checkout: pip install -e '.[aot]')"
+EXTRA = "pip install 'gcp-jax[aot]' (in a checkout: pip install -e '.[aot]'), best in an environment of its own (docs/aot.md)"
 GPU_CLIENT_FRACTION = 0.75  # XLA_PYTHON_CLIENT_MEM_FRACTION's default: the GPU client preallocates 75 %
 MAX_BATCH_COMPILES = 8  # --max_batch: compiles of the train step at most (two to fit a line, then refine)
 CHILD_ENV = {
