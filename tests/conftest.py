@@ -1,4 +1,4 @@
-"""Test setup: 8 fake CPU devices (parallelism tests), JAX and TensorFlow kept off accelerators, and one
+"""Test setup: 8 fake CPU devices (parallelism tests), TensorFlow kept off accelerators, and one
 persistent compilation cache for the whole session: every xdist worker and every train.py
 subprocess reuses what another test compiled (programs are keyed by their content, so a test
 never gets another program's executable)."""
@@ -10,7 +10,6 @@ import tempfile
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # with the aot extra installed, libtpu and the CUDA plugin would probe
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # OpenBLAS threads (eigh on CPU) would fight XLA's
 
 # The controller (or a run without xdist) makes the cache; the workers it starts inherit the variables.
