@@ -41,7 +41,7 @@ CHILD_ENV = {
     "TPU_SKIP_MDS_QUERY": "1",  # libtpu: no GCE metadata server to ask
     "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",  # libtpu's lockfile would keep a second compile (or test worker) out
     "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1",  # the CUDA plugin: no driver to check
-    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "TF_CPP_MIN_LOG_LEVEL": "2",  # TensorFlow's, where TFDS reads a data set's class count
 }
 
 
@@ -384,6 +384,7 @@ def build_run(config, target: Target, num_classes: int):
 
 
 def config_eval_batch(config) -> int:
+    """The global eval batch (gcp_jax.config, imported here: this module starts without JAX)."""
     from gcp_jax import config as config_lib
 
     return config_lib.eval_batch_size(config)
