@@ -587,10 +587,15 @@ def compile_target(argv, target: Target, per_device: int, eval_per_device: int, 
 
 
 def argument_parser():
-    """aot's own flags (the --config file and its overrides are gcp_jax.cli's, as for train.py)."""
+    """aot's own flags (the --config file and its overrides are gcp_jax.cli's, as for train.py); a
+    mistake raises AotError (one line) instead of printing the usage."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m gcp_jax.aot", description=__doc__.split("\n\n")[0])
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise AotError(f"{message} (python -m gcp_jax.aot --help)")
+
+    p = Parser(prog="python -m gcp_jax.aot", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="Config file with a get_config(); `file.py:arg` passes arg (default: the demo).")
     p.add_argument("--target", required=True, help=f"What to compile for: {_known_targets()}.")
     p.add_argument("--out", help="Also write the report as JSON to this file.")
@@ -646,7 +651,11 @@ def main(argv: list[str]) -> int:
     except cli.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return cli.EXIT_USAGE
-    args = argument_parser().parse_args(command.rest[1:])
+    try:
+        args = argument_parser().parse_args(command.rest[1:])
+    except AotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return cli.EXIT_USAGE
     try:
         target = parse_target(args.target)
         config = settled_config(command.config, target, args.per_device_batch)

@@ -146,6 +146,10 @@ def test_config_mistakes_are_one_line():
     assert result.stderr.strip().splitlines()[-1] == (
         "error: the config's batches (train 8, eval 8) do not split over the 16 devices of v5e-16; give --per_device_batch N."
     )
+    result = _cli("--target", "h100", "--max-batch")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: unrecognized arguments: --max-batch (python -m gcp_jax.aot --help)"
+    ]
 
 
 def _has_extra() -> bool:
