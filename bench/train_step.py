@@ -39,7 +39,7 @@ import numpy as np
 
 from bench import common, tables
 from bench.timing import compiled_memory_bytes, device_memory_limit, machine_line, time_call
-from gcp_jax import assembly, config, linalg, optim, sharding, steps
+from gcp_jax import assembly, config, linalg, models, optim, sharding, steps
 
 HEADS = ("gap", "sqrt", "seb")
 NUM_CLASSES = 100
@@ -61,14 +61,14 @@ class Case:
     last_stride: int | None = None
 
 
-def run_config(case: Case):
+def case_config(case: Case):
     """The run config of `case`: gcp_jax.config's defaults, the backbone's protocol, the head and dtype."""
     c = config.with_backbone(config.get_config(), case.arch)
     c.model.head = "gap" if case.head == "gap" else "gcp"
     if case.head != "gap":
         c.gcp.norm = case.head
     c.model.dtype = case.dtype
-    if case.last_stride is not None and case.arch.startswith("resnet"):
+    if case.last_stride is not None and case.last_stride in models.family(case.arch).last_strides:
         c.model.last_stride = case.last_stride
     return c
 
@@ -91,7 +91,7 @@ class Prepared:
 def prepare(case: Case, mesh) -> Prepared:
     """Model, optimiser, state and compiled step of `case`, as a run builds them; raises DoesNotFit."""
     start = time.perf_counter()
-    cfg = run_config(case)
+    cfg = case_config(case)
     model = assembly.build_model(cfg, NUM_CLASSES)
     tx = optim.make_optimizer(cfg.optim, optim.learning_rate_schedule(cfg.optim, 100, 100))
     state = steps.create_train_state(steps.init_variables(model, case.size, 0, mesh), tx, mesh)
@@ -156,7 +156,7 @@ def measure(case: Case, mesh, repeats: int, forward: bool = True) -> dict:
         "compile_s": p.setup_s,
     }
     if case.head != "gap":
-        dim = run_config(case).gcp.dim
+        dim = case_config(case).gcp.dim
         row["spectral_s"] = spectral_seconds(case.head, case.batch, side * side, dim, repeats)
         row["spectral_share"] = row["spectral_s"] / step_s
     return row

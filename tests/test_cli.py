@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from gcp_jax import cli
+from gcp_jax import cli, run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MISSPELLED = "config.optim.learnig_rate is not a known field (did you mean config.optim.learning_rate?)."
@@ -158,3 +158,18 @@ def test_start_up_is_quiet(tmp_path):
     )
     assert result.returncode == 1 and not NOISE.findall(result.stderr), result.stderr
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: config.batch_size=16 ")
+
+
+def test_the_config_to_run_in_a_workdir_that_holds_a_run(tmp_path):
+    """Without --config a run resumes with its saved config plus the overrides; eval_only takes only the eval
+    overrides; with --config the command line's config is the one to run (the loop then checks the change)."""
+    workdir = str(tmp_path)
+    saved = parse("--config.optim.learning_rate=0.25").config
+    run_config.save_config(saved, workdir)
+    resumed = cli.config_to_run(parse("--config.num_epochs=9"), workdir)
+    assert (resumed.optim.learning_rate, resumed.num_epochs) == (0.25, 9)
+    evaluated = cli.config_to_run(parse("--config.eval_only=True", "--config.optim.momentum=0.5"), workdir)
+    assert evaluated.eval_only and (evaluated.optim.learning_rate, evaluated.optim.momentum) == (0.25, 0.9)
+    given = cli.config_to_run(parse("--config=configs/demo.py"), workdir)
+    assert given.optim.learning_rate != 0.25
+    assert cli.config_to_run(parse(), str(tmp_path / "new")).optim.learning_rate != 0.25
