@@ -205,7 +205,7 @@ def test_a_step_that_does_not_fit_is_one_line():
 
 @needs_extra
 @pytest.mark.slow
-def test_a_multi_host_tpu_slice_compiles_as_one_program(tmp_path):
+def test_a_multi_host_tpu_slice_compiles_as_one_program(tmp_path, monkeypatch):
     out = tmp_path / "v5e.json"
     result = _cli("--target", "v5litepod-16", "--per_device_batch", "2", "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -218,6 +218,7 @@ def test_a_multi_host_tpu_slice_compiles_as_one_program(tmp_path):
         == train["argument_bytes"] + train["output_bytes"] + train["temp_bytes"] - train["alias_bytes"]
     )
     assert rec["usable_bytes"] == rec["capacity_bytes"] == 16 * aot.GiB
+    assert train["conv_ops"] == _conv_count_on_cpu(False, monkeypatch)  # XLA's convolutions, as for the GPU
 
 
 @pytest.mark.parametrize(
