@@ -75,8 +75,9 @@ def main(argv: list[str]) -> int:
     rows = []
     if args.out and os.path.exists(args.out):
         with open(args.out, encoding="utf-8") as f:
-            rows = [r for r in json.load(f)["rows"] if "error" not in r]  # a failed cell is tried again
-    done = {(r["arch"], r["dtype"], r["target"]) for r in rows}
+            rows = json.load(f)["rows"]
+    key = lambda r: (r["arch"], r["dtype"], r["target"])
+    done = {key(r) for r in rows if "error" not in r}  # a failed cell is tried again
     # Cells in priority order: each backbone and dtype on every target before the next dtype.
     for arch in args.archs:
         for dtype in args.dtypes:
@@ -88,7 +89,7 @@ def main(argv: list[str]) -> int:
                 except aot.AotError as e:
                     row = {"arch": arch, "dtype": dtype, "target": target, "error": str(e)}
                 print(json.dumps(row), flush=True)
-                rows.append(row)
+                rows = [r for r in rows if key(r) != key(row)] + [row]
                 common.write_record(args.out, fits_record(args.compiles, rows))
     rec = fits_record(args.compiles, rows)
     tables.print_record(rec)
