@@ -10,6 +10,7 @@ BENCHMARKS = {
     "conv_kernels": "each ResNet-50 convolution alone, ours against PyTorch's",
     "input_pipeline": "images/s per CPU core of the training and evaluation preprocessing",
     "startup": "seconds to the first training step: a first start, a restart from the compile cache, one without",
+    "fits": "the largest per-device batch of the 448 px runs on GPUs and TPUs, by compiling for them on this CPU",
     "device_check": "one prepared check of an accelerator (< 8 minutes): tests, train steps, torch, spectral head",
     "report": "regenerate the tables of README.md and docs/benchmarks.md from bench/results/*.json",
 }

@@ -322,6 +322,25 @@ def startup_tables(rec: dict) -> dict[str, str]:
     return {"starts": markdown(header, rows) + f"\n\nimports alone: {rec['imports_s']:.1f} s"}
 
 
+def fits_tables(rec: dict) -> dict[str, str]:
+    """Table "fits": the largest per-device train batch of each backbone and dtype per target (≥: not
+    confirmed by compiling one more), with the mean compile time; "failed": the compiler failed (the
+    record says how); — : not compiled yet."""
+    from bench import fits  # its cell order; it imports no JAX
+
+    order = lambda key, known: (known.index(key) if key in known else len(known), key)
+    targets = sorted({*fits.TARGETS, *(r["target"] for r in rec["rows"])}, key=lambda t: order(t, fits.TARGETS))
+    cells: dict[tuple[str, str], dict[str, str]] = {(arch, dtype): {} for arch in fits.ARCHS for dtype in fits.DTYPES}
+    for r in sorted(rec["rows"], key=lambda r: (order(r["arch"], list(fits.ARCHS)), order(r["dtype"], fits.DTYPES))):
+        if "error" in r:
+            text = "failed"  # the record's "error" says how
+        else:
+            text = f"{'' if r['exact'] else '≥'}{r['max_per_device_batch']} ({r['compile_s']:.0f} s)"
+        cells.setdefault((r["arch"], r["dtype"]), {})[r["target"]] = text
+    rows = [(f"{arch} + SEB", dtype, *(row.get(t, NONE) for t in targets)) for (arch, dtype), row in cells.items()]
+    return {"fits": markdown(("448 px", "backbone dtype", *targets), rows)}
+
+
 RENDERERS: dict[str, Callable[[dict], dict[str, str]]] = {
     "spectral": spectral_tables,
     "train_step": train_step_tables,
@@ -329,6 +348,7 @@ RENDERERS: dict[str, Callable[[dict], dict[str, str]]] = {
     "input_pipeline": input_pipeline_tables,
     "device_check": device_check_tables,
     "startup": startup_tables,
+    "fits": fits_tables,
 }
 
 

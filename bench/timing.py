@@ -7,6 +7,7 @@ import time
 import jax
 
 from bench.common import host_line
+from gcp_jax import aot
 
 
 def time_call(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
@@ -30,8 +31,7 @@ def compiled_memory_bytes(compiled) -> int:
 
     Per call rather than per process, and the same measure on every backend.
     """
-    m = compiled.memory_analysis()
-    return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    return aot.peak_bytes(compiled.memory_analysis())
 
 
 def device_memory_limit() -> int | None:

@@ -67,12 +67,15 @@ def build_model(config: ConfigDict, num_classes: int):
 
 
 class Run:
-    """What a run of `config` needs: mesh, data set info, model, optimiser, jitted steps."""
+    """What a run of `config` needs: mesh, data set info, model, optimiser, jitted steps.
 
-    def __init__(self, config: ConfigDict, mesh=None):
+    `info` replaces the data set's own (gcp_jax.aot compiles the steps without the data).
+    """
+
+    def __init__(self, config: ConfigDict, mesh=None, info: data.DatasetInfo | None = None):
         self.config = config
         self.mesh = sharding.make_mesh() if mesh is None else mesh
-        self.info = data.dataset_info(config.data)
+        self.info = data.dataset_info(config.data) if info is None else info
         self.num_classes = self.info.num_classes
         self.steps_per_epoch = data.steps_per_epoch(self.info.num_train, config.batch_size)
         if self.steps_per_epoch < 1:
@@ -88,7 +91,8 @@ class Run:
         self.train_step = steps.make_train_step(self.model, self.tx, self.mesh, config.seed)
         self.eval_step = steps.make_eval_step(self.model, self.num_classes, self.mesh, flip=config.eval_flip)
         self._eigenvalues = jax.jit(
-            lambda v, x: spectrum.eigenvalues(self.model, v, x), out_shardings=sharding.replicated(self.mesh)
+            sharding.traced_for(self.mesh, lambda v, x: spectrum.eigenvalues(self.model, v, x)),
+            out_shardings=sharding.replicated(self.mesh),
         )
 
     def initial_state(self) -> steps.TrainState:

@@ -9,11 +9,16 @@ docs/benchmarks.md has the measurements. Nothing is changed for malloc on a host
 accelerator, when `GCP_JAX_TUNE_MALLOC=0`, or when `GLIBC_TUNABLES` is set (the user's settings win).
 
 The CPU-only fast paths of `gcp_jax.layers` are the other half; `GCP_JAX_CPU_FAST_PATHS=0` turns
-them off (XLA's own convolutions and pooling everywhere), for A/B runs and debugging.
+them off (XLA's own convolutions and pooling everywhere), for A/B runs and debugging. They are
+chosen for the platform a program is compiled for (`compile_platform`), not the host it is traced
+on: a train step lowered on a CPU host for a GPU or TPU (gcp_jax.aot) must carry XLA's own
+convolutions, or XLA:GPU aborts while compiling the CPU variants.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import importlib.metadata
 import importlib.util
@@ -56,6 +61,30 @@ def tune_process() -> bool:
     return keep_freed_memory()
 
 
+_COMPILE_PLATFORM = contextvars.ContextVar("gcp_jax_compile_platform", default=None)
+
+
+@contextlib.contextmanager
+def compile_platform(platform: str):
+    """Trace under this to choose code paths for `platform` (a device's `.platform`: "cpu", "gpu",
+    "tpu") instead of JAX's default backend: the steps of `gcp_jax.steps` trace under their mesh's."""
+    token = _COMPILE_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _COMPILE_PLATFORM.reset(token)
+
+
+def target_platform() -> str:
+    """The platform being traced for: the innermost `compile_platform`, else JAX's default backend."""
+    if platform := _COMPILE_PLATFORM.get():
+        return platform
+    import jax  # here: this module is imported (tune_process) before JAX starts
+
+    return jax.default_backend()
+
+
 def fast_paths_enabled() -> bool:
-    """Whether `gcp_jax.layers` takes its CPU fast paths (unless GCP_JAX_CPU_FAST_PATHS=0); read at trace time."""
-    return os.environ.get("GCP_JAX_CPU_FAST_PATHS", "1") != "0"
+    """Whether `gcp_jax.layers` takes its CPU fast paths: the program is for the CPU and
+    GCP_JAX_CPU_FAST_PATHS is not 0. Read at trace time."""
+    return os.environ.get("GCP_JAX_CPU_FAST_PATHS", "1") != "0" and target_platform() == "cpu"

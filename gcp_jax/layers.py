@@ -1,11 +1,12 @@
 """Convolution and pooling pieces for the backbones and the GCP head, written so XLA:CPU runs them fast.
 
-Only programs traced where the CPU is JAX's default backend take the special paths below; GPUs
-and TPUs keep XLA's native convolutions and pooling (cuDNN, the TPU's convolution units), which
-are already fast there. The choice is made when tracing, not per lowering: a
-`lax.platform_dependent` carries both variants through tracing and differentiation, a third of
-the time it takes to trace an EfficientNet train step, paid again at every start of a run. (A
-program lowered for an accelerator from a CPU-only host then carries the CPU variants: same values.)
+Only programs traced for the CPU take the special paths below; GPUs and TPUs keep XLA's native
+convolutions and pooling (cuDNN, the TPU's convolution units), which are already fast there. The
+platform is `cpu_tuning.target_platform()`: the one the program is compiled for (the steps of
+gcp_jax.steps trace under their mesh's), else JAX's default backend. The choice is made when
+tracing, not per lowering: a `lax.platform_dependent` carries both variants through tracing and
+differentiation, a third of the time it takes to trace an EfficientNet train step, paid again at
+every start of a run.
 
 XLA's CPU backend differentiates a convolution's kernel by a convolution over batch-transposed
 copies of the activations, runs depthwise convolutions at a fraction of memory speed, and
@@ -30,11 +31,6 @@ import numpy as np
 from jax import lax
 
 from gcp_jax import cpu_tuning
-
-
-def _cpu_fast_paths() -> bool:
-    """Whether to trace the CPU variants: switched on (gcp_jax.cpu_tuning) and the CPU is the default backend."""
-    return cpu_tuning.fast_paths_enabled() and jax.default_backend() == "cpu"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -158,8 +154,8 @@ def conv_general_dilated(
 
     On CPU, for NHWC input without dilation: a 1×1 unpadded kernel becomes a strided slice and a
     channel matmul; a depthwise kernel (one input channel per group) becomes a weighted sum of
-    strided views. Every other convolution, every convolution where the default backend is not the
-    CPU, and every one when GCP_JAX_CPU_FAST_PATHS=0 (gcp_jax.cpu_tuning), goes to
+    strided views. Every other convolution, every convolution of a program for another platform
+    than the CPU, and every one when GCP_JAX_CPU_FAST_PATHS=0 (gcp_jax.cpu_tuning), goes to
     `lax.conv_general_dilated` unchanged.
     """
     native = functools.partial(
@@ -178,7 +174,7 @@ def conv_general_dilated(
     ) == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
     unit = lambda d: d is None or all(v == 1 for v in d)
     plain = rhs.ndim != 4 or not nhwc or not unit(lhs_dilation) or not unit(rhs_dilation) or kwargs
-    if plain or not _cpu_fast_paths():
+    if plain or not cpu_tuning.fast_paths_enabled():
         return native(lhs, rhs)
     unpadded = isinstance(padding, str) or all(tuple(p) == (0, 0) for p in padding)  # a 1×1 window never pads
     if rhs.shape[:2] == (1, 1) and unpadded and feature_group_count == 1:
@@ -206,7 +202,7 @@ def max_pool(x, window, strides, padding):
     Same values as `flax.linen.max_pool`. On CPU the gradient goes to the first maximum of each
     window in row-major order; other platforms keep XLA's select-and-scatter.
     """
-    if _cpu_fast_paths():
+    if cpu_tuning.fast_paths_enabled():
         return _max_pool_first_max(x, window, strides, padding)
     return _reduce_max(x, window, strides, padding)
 

@@ -6,13 +6,16 @@ runs unchanged on one CPU, several GPUs and a multi-host TPU pod, and reductions
 batch (BatchNorm statistics, the mean loss) are over the global batch.
 """
 
+import functools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gcp_jax import cpu_tuning
 
 DATA_AXIS = "data"
 
@@ -21,6 +24,23 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A one-axis ("data",) mesh over `devices` (default: every device of every process)."""
     devices = jax.devices() if devices is None else list(devices)
     return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def platform(mesh: Mesh) -> str:
+    """The platform of the mesh's devices ("cpu", "gpu", "tpu"): the one its programs are compiled for."""
+    return mesh.devices.flat[0].platform
+
+
+def traced_for(mesh: Mesh, fn: Callable) -> Callable:
+    """`fn`, traced with the code paths of the mesh's platform (`cpu_tuning.compile_platform`), so
+    that a program lowered on a CPU host for GPU or TPU devices carries no CPU-only variant."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with cpu_tuning.compile_platform(platform(mesh)):
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

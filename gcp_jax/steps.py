@@ -36,7 +36,9 @@ def init_variables(model, image_size: int, seed: int, mesh) -> dict[str, Any]:
     """Model variables {"params", "batch_stats"}, initialised on-device and replicated over `mesh`."""
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     keys = {"params": jax.random.key(seed), "dropout": jax.random.key(seed + 1)}
-    init = jax.jit(lambda k, x: model.init(k, x, train=False), out_shardings=sharding.replicated(mesh))
+    init = jax.jit(
+        sharding.traced_for(mesh, lambda k, x: model.init(k, x, train=False)), out_shardings=sharding.replicated(mesh)
+    )
     variables = dict(init(keys, images))
     variables.setdefault("batch_stats", {})
     return variables
@@ -103,11 +105,14 @@ def make_train_step(
         return new, metrics
 
     repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    return jax.jit(step, in_shardings=(repl, batch_sh), out_shardings=(repl, repl), donate_argnums=0)
+    return jax.jit(
+        sharding.traced_for(mesh, step), in_shardings=(repl, batch_sh), out_shardings=(repl, repl), donate_argnums=0
+    )
 
 
-def eval_totals(num_classes: int, mesh, *, flip: bool = False) -> dict[str, jax.Array]:
-    """Zero accumulators for `make_eval_step` (with `flip`: also those of the flip-averaged logits)."""
+def eval_totals(num_classes: int, mesh, *, flip: bool = False, abstract: bool = False) -> dict[str, jax.Array]:
+    """Zero accumulators for `make_eval_step` (with `flip`: also those of the flip-averaged logits);
+    `abstract`: their shapes, dtypes and shardings only (to lower the step without devices)."""
 
     def view():
         return {
@@ -120,6 +125,9 @@ def eval_totals(num_classes: int, mesh, *, flip: bool = False) -> dict[str, jax.
     zeros = {"count": np.zeros((), np.int32), "class_count": np.zeros((num_classes,), np.int32), **view()}
     if flip:
         zeros.update({name + metrics.FLIP: value for name, value in view().items()})
+    if abstract:
+        repl = sharding.replicated(mesh)
+        return jax.tree.map(lambda z: jax.ShapeDtypeStruct(z.shape, z.dtype, sharding=repl), zeros)
     return sharding.replicate(zeros, mesh)
 
 
@@ -162,7 +170,9 @@ def make_eval_step(model, num_classes: int, mesh, *, flip: bool = False) -> Call
         return jax.tree.map(jnp.add, totals, batch_totals)
 
     repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    return jax.jit(step, in_shardings=(repl, batch_sh, repl), out_shardings=repl, donate_argnums=2)
+    return jax.jit(
+        sharding.traced_for(mesh, step), in_shardings=(repl, batch_sh, repl), out_shardings=repl, donate_argnums=2
+    )
 
 
 def evaluate(

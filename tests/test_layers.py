@@ -13,7 +13,7 @@ import pytest
 from jax import lax
 from jax.test_util import check_grads
 
-from gcp_jax import cpu_tuning, layers
+from gcp_jax import cpu_tuning, layers, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,10 +91,10 @@ def test_special_cases_compile_without_xla_convolutions(kind):
 
 
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])
-def test_accelerator_hosts_keep_native_convolution_and_pooling(platform, monkeypatch):
-    """The special paths are CPU-only: where an accelerator is JAX's default backend, a 1×1 and a
-    depthwise convolution and the max-pool's gradient stay XLA's own ops (on an H100 the
-    1×1-as-matmul path followed by the pool's routing crashed XLA:GPU's Triton GEMM fusion)."""
+def test_programs_for_accelerators_keep_native_convolution_and_pooling(platform):
+    """The special paths are CPU-only: in a program traced for an accelerator (on this CPU host), a
+    1×1 and a depthwise convolution and the max-pool's gradient stay XLA's own ops (the 1×1-as-matmul
+    path followed by the pool's routing aborts XLA:GPU's Triton GEMM fusion)."""
     pointwise, depthwise = _conv_pair(1, 2, "SAME"), _conv_pair(3, 2, "SAME", **DEPTHWISE)
 
     def loss(x, w1, w3):
@@ -104,10 +104,23 @@ def test_accelerator_hosts_keep_native_convolution_and_pooling(platform, monkeyp
     args = (pointwise[0], pointwise[1], depthwise[1])
     on_cpu = jax.jit(jax.grad(loss, (0, 1, 2))).trace(*args).lower().as_text()
     assert on_cpu.count("stablehlo.convolution") == 0 and "select_and_scatter" not in on_cpu
-    monkeypatch.setattr(jax, "default_backend", lambda: platform)
-    hlo = jax.jit(jax.grad(loss, (0, 1, 2))).trace(*args).lower().as_text()
+    with cpu_tuning.compile_platform(platform):
+        hlo = jax.jit(jax.grad(loss, (0, 1, 2))).trace(*args).lower().as_text()
+    assert cpu_tuning.target_platform() == "cpu"  # the context ends with the trace
     assert hlo.count("stablehlo.convolution") >= 4  # forward, dx and dkernel of both
     assert "stablehlo.select_and_scatter" in hlo and "dot_general" not in hlo
+
+
+def test_a_mesh_programs_are_traced_for_its_devices_platform():
+    """The mesh decides (the steps of gcp_jax.steps trace so), not an enclosing context or the host."""
+    seen = []
+    trace = sharding.traced_for(
+        sharding.make_mesh(jax.devices()[:1]), lambda: seen.append(cpu_tuning.target_platform())
+    )
+    with cpu_tuning.compile_platform("tpu"):
+        trace()
+        seen.append(cpu_tuning.target_platform())
+    assert seen == ["cpu", "tpu"]
 
 
 def test_flax_conv_uses_it_with_the_same_parameters():

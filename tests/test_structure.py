@@ -17,6 +17,7 @@ LAYERS = (
     ("weights_eval",),
     ("loop",),
     ("analysis", "cli"),
+    ("aot",),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
