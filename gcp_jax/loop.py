@@ -156,6 +156,7 @@ def _train_and_evaluate(config: ConfigDict, workdir: str, mesh) -> assembly.RunR
                 if stopped_by:
                     break
         finally:
+            batches.close()
             progress.close()
             watchdog.kick(eval_allowance)
             checkpoints.close()

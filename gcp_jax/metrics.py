@@ -99,6 +99,23 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch where torch is not loaded yet.
+
+    tensorboardX imports an installed torch at its own import (1.8 s of every start on a 2-core host)
+    only to accept torch tensors; this writer logs Python floats.
+    """
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+    else:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+        try:
+            from tensorboardX import SummaryWriter
+        finally:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Writes {step, split, **metrics} to metrics.jsonl and TensorBoard ("<split>/<name>").
 
@@ -113,14 +130,12 @@ class MetricsWriter:
         self._last: dict[str, dict[str, Any]] = {}
         if not self._enabled:
             return
-        from tensorboardX import SummaryWriter
-
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, METRICS_FILE)
         for record in _clean(self.path, start_step):
             self._last[record.get("split")] = record
         self._jsonl = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the writer's life)
-        self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), purge_step=start_step or None)
+        self._tb = _summary_writer_class()(os.path.join(workdir, TENSORBOARD_DIR), purge_step=start_step or None)
 
     def last(self, split: str) -> dict[str, Any] | None:
         """The last record of `split` kept when the file was opened (process 0; None elsewhere or if none)."""

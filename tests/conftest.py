@@ -40,3 +40,21 @@ def pytest_collection_modifyitems(config, items):
 def pytest_unconfigure(config):
     if _SESSION_CACHE:
         shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def training_streams_closed(monkeypatch):
+    """Every training stream a test opens is closed when the test ends (see TrainBatches.close), not freed
+    by the garbage collector in the middle of a later test."""
+    from gcp_jax.data import pipeline
+
+    opened, real_init = [], pipeline.TrainBatches.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        opened.append(self)
+
+    monkeypatch.setattr(pipeline.TrainBatches, "__init__", init)
+    yield
+    for stream in opened:
+        stream.close()

@@ -49,6 +49,9 @@ class _Batches:
         time.sleep(self._delay)
         return next(self._batches)
 
+    def close(self) -> None:
+        self._batches.close()
+
 
 def _block_inside_xla() -> None:
     import jax

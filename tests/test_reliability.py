@@ -746,6 +746,9 @@ def test_skipped_images_reach_train_and_eval_records_across_a_resume(tmp_path, d
                 os.kill(os.getpid(), signal.SIGTERM)
             return next(self._batches)
 
+        def close(self):
+            self._batches.close()
+
     config = tiny_config.get_config(data_dir)
     monkeypatch.setattr(data, "train_batches", lambda *a, **k: OneSkipped(*a, stop_at=3, **k))
     assert loop.train_and_evaluate(config, str(tmp_path)).stopped_by == signal.SIGTERM

@@ -71,7 +71,7 @@ def train_batches(
 
     Epoch e is shuffled with (seed, e); `start_step` resumes exactly where an uninterrupted run
     would be; the remainder is dropped: steps_per_epoch = num_train // (batch_size * process_count).
-    Process index and count default to JAX's.
+    Process index and count default to JAX's. `close()` it when done (see TrainBatches.close).
     """
     return TrainBatches(resolve(cfg), batch_size, seed, start_step, *_process(process_index, process_count))
 
@@ -156,6 +156,15 @@ class TrainBatches(Iterator):
     @property
     def num_skipped(self) -> int:
         return len(self._skipped)
+
+    def close(self) -> None:
+        """Ends the stream now: its tf.data pipelines (the next epoch's, started early, too) are freed here.
+
+        The stream and its generator refer to each other, so without this only the garbage collector
+        frees them, at any later moment; freeing a tf.data iterator waits for its threads, and such
+        waits stalled the process for up to a minute, at a random line of other code.
+        """
+        self._stream.close()
 
     def _generate(self, start_step: int):
         """Epoch after epoch; the next epoch's pipeline starts (shuffle buffer, first batch) in a
